@@ -1,0 +1,455 @@
+"""Adversarial attacks and random-noise baselines of the paper, written from its description (§1.4-1.6).
+
+Every function works in pixel space: ``x`` is a float batch in [0, 1] (the models normalise internally), and
+``epsilon`` / ``step`` / ``sigma`` are in pixel units (the paper's l_inf threat is 8/255 with steps of 2/255
+and 10 iterations; its l_2 threat is 128/255).  All attacks are batched, take gradients with respect to the
+input only (``torch.autograd.grad``, so no parameter ``.grad`` is ever touched), and run on ``x``'s device.
+
+Guarantee: every perturbation returned by :func:`pgd`, :func:`trades_attack` and :func:`random_sign` lies in
+its ball and keeps the input in [0, 1] *exactly* in float32 (checked element/sample-wise, and the few values
+that rounding pushed an ulp outside are nudged back), so downstream code can assert it without tolerances.
+
+Randomness comes from ``generator`` when given (CPU or device generator; samples are drawn on the generator's
+device and moved), otherwise from the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NORMS = ("linf", "l2")
+
+# Relative margin by which l_2 projections aim inside the ball, so that float32 rounding of x + delta (half an
+# ulp per pixel) cannot push a sample's norm past epsilon.  1e-5 of epsilon has no measurable effect.
+_L2_SAFETY = 1e-5
+_TINY = 1e-12
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    # The perturbation is kept in at least fp32 even when the forward passes run under autocast.
+    if not x.is_floating_point():
+        raise TypeError(f"attacks expect float pixels in [0, 1], got dtype {x.dtype}")
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _randn(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal samples shaped ``shape`` on ``like``'s device, drawn from ``generator``'s device."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def _rand(shape: torch.Size | tuple[int, ...], like: torch.Tensor,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(shape, device=like.device, dtype=like.dtype)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample vector ``v`` (B,) shaped to broadcast against ``x`` (B, ...)."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _l2_norms(d: torch.Tensor) -> torch.Tensor:
+    return d.flatten(1).norm(p=2, dim=1)
+
+
+def _autocast(x: torch.Tensor, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=amp_dtype)
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool | None) -> Iterator[None]:
+    """Run with the model in train/eval mode (None: leave it), then restore every submodule's own flag.
+
+    Restoring per submodule (not ``model.train(old)``) keeps deliberately frozen parts, e.g. BN layers a
+    caller put in eval mode inside a training model, as they were.
+    """
+    if training is None:
+        yield
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _project_linf_exact(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Clamp ``x_adv`` into [x - eps, x + eps] ∩ [0, 1] so that ``|x_adv - x| <= eps`` holds exactly.
+
+    ``x + eps`` is rounded, so the float difference can exceed eps by an ulp; the offending entries are moved
+    one ulp towards ``x`` until the check passes.  The bound used is eps rounded *down* to the working
+    precision, so the check holds both in float32 (how tests compare a tensor with a Python float) and in
+    exact arithmetic.
+    """
+    eps_t = torch.tensor(epsilon, dtype=x.dtype)
+    if eps_t.item() > epsilon:
+        eps_t = torch.nextafter(eps_t, torch.zeros_like(eps_t))
+    eps_w = eps_t.item()
+    x_adv = torch.minimum(torch.maximum(x_adv, x - eps_w), x + eps_w).clamp_(0.0, 1.0)
+    for _ in range(8):
+        # float64 difference of two float32 values is exact, so this is the true distance
+        bad = (x_adv.double() - x.double()).abs() > eps_w
+        if not bool(bad.any()):
+            break
+        x_adv = torch.where(bad, torch.nextafter(x_adv, x), x_adv)
+    return x_adv
+
+
+def _project_l2_exact(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Make every sample's ``||x_adv - x||_2 <= eps`` hold exactly (float32 and float64 norms), in [0, 1].
+
+    Shrinking delta towards 0 keeps ``x + delta`` in the box because the box is convex and contains ``x``.
+    """
+    x_adv = x_adv.clamp(0.0, 1.0)
+    shrink = 1.0 - _L2_SAFETY
+    for _ in range(20):
+        d = x_adv - x
+        n64 = _l2_norms(d.double())
+        bad = (n64 > epsilon) | (_l2_norms(d) > epsilon)
+        if not bool(bad.any()):
+            return x_adv
+        target = epsilon * shrink
+        factor = torch.where(bad, (target / n64.clamp_min(_TINY)).clamp(max=1.0), torch.ones_like(n64))
+        x_adv = (x + d * _view(factor.to(d.dtype), d)).clamp_(0.0, 1.0)
+        shrink *= 1.0 - 10 * _L2_SAFETY  # a sample that still fails moves further inside next round
+    # unreachable in practice; fall back to the clean point rather than return an out-of-ball sample
+    bad = _l2_norms((x_adv - x).double()) > epsilon
+    return torch.where(_view(bad, x), x, x_adv)
+
+
+def project(x: torch.Tensor, x_adv: torch.Tensor, *, norm: str, epsilon: float) -> torch.Tensor:
+    """Project ``x_adv`` onto the ``norm`` ball of radius ``epsilon`` around ``x`` intersected with [0, 1].
+
+    For l_2 this is radial rescaling followed by a box clamp (the paper's renorm + clamp), not the exact
+    Euclidean projection onto the intersection; both are standard in PGD.
+    """
+    _check_norm(norm)
+    if norm == "linf":
+        return _project_linf_exact(x, x_adv, epsilon)
+    d = x_adv - x
+    n = _l2_norms(d)
+    d = d * _view((epsilon * (1.0 - _L2_SAFETY) / n.clamp_min(_TINY)).clamp(max=1.0), d)
+    return _project_l2_exact(x, x + d, epsilon)
+
+
+def _random_start(x: torch.Tensor, norm: str, epsilon: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The paper's PGD start: uniform in the l_inf ball, or r * eps * g / ||g|| with r ~ U(0, 1) for l_2."""
+    if norm == "linf":
+        delta = (2.0 * _rand(x.shape, x, generator) - 1.0) * epsilon
+    else:
+        g = _randn(x.shape, x, generator)
+        r = _rand((x.shape[0],), x, generator)
+        delta = g * _view(r * epsilon / _l2_norms(g).clamp_min(_TINY), g)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def _ascent_step(delta: torch.Tensor, grad: torch.Tensor, norm: str, step: float) -> torch.Tensor:
+    if norm == "linf":
+        return delta + step * grad.sign()
+    # normalised gradient; a zero gradient (saturated softmax) gives a zero step instead of NaN
+    return delta + step * grad / _view(_l2_norms(grad).clamp_min(_TINY), grad)
+
+
+def _project_delta(x: torch.Tensor, delta: torch.Tensor, norm: str, epsilon: float) -> torch.Tensor:
+    """Cheap in-loop projection (ball, then box); the exact float guard runs once, on the final output."""
+    if norm == "linf":
+        delta = delta.clamp(-epsilon, epsilon)
+    else:
+        delta = delta * _view((epsilon / _l2_norms(delta).clamp_min(_TINY)).clamp(max=1.0), delta)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def _next_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    return (y + 1) % num_classes
+
+
+def _random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    # a uniform offset in 1..C-1 gives a uniform label among the C-1 other classes
+    if generator is None:
+        off = torch.randint(1, num_classes, y.shape, device=y.device)
+    else:
+        off = torch.randint(1, num_classes, y.shape, generator=generator, device=generator.device)
+        off = off.to(y.device)
+    return (y + off) % num_classes
+
+
+TARGET_RULES: dict[str, Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]] = {
+    "next": _next_targets,
+    "random": _random_targets,
+}
+
+
+def target_labels(y: torch.Tensor, num_classes: int, rule: str = "next",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Target labels for the targeted attack.
+
+    ``"next"`` is the paper's rule y_t = (y + 1) mod C (section 1.6); ``"random"`` draws a label uniformly
+    among the other C - 1 classes (from ``generator`` when given).
+    """
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown target rule {rule!r}; known: {', '.join(sorted(TARGET_RULES))}")
+    if num_classes < 2:
+        raise ValueError("a targeted attack needs at least 2 classes")
+    return TARGET_RULES[rule](y, num_classes, generator)
+
+
+# ------------------------------------------------------------------------------------------------ PGD
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    epsilon: float,
+    step: float,
+    steps: int,
+    restarts: int = 1,
+    targets: torch.Tensor | None = None,
+    random_start: bool = True,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent (Madry et al.) as the paper describes it; returns ``x_adv``, not delta.
+
+    Paper settings (section 1.6): l_inf eps = 8/255, step = 2/255, 10 steps, 1 restart, uniform random start;
+    l_2 eps = 128/255, 10 steps.  Untargeted: ascend CE(f(x + delta), y).  With ``targets`` (the paper's
+    y_t = (y + 1) mod C, see :func:`target_labels`): descend CE(f(x + delta), y_t), same eps, step and steps.
+
+    * Random start: l_inf delta ~ U(-eps, eps) per pixel; l_2 delta = r * eps * g / ||g||_2 with
+      g ~ N(0, I) and r ~ U(0, 1) per sample; then clamped so x + delta is in [0, 1].
+      ``random_start=False`` starts at x.
+    * Step: l_inf delta += step * sign(grad); l_2 delta += step * grad / ||grad||_2; each followed by
+      projection onto the eps-ball and then the [0, 1] box.  No early stopping.
+    * Restarts: each restart runs all ``steps``; per sample, the final delta of the restart with the highest
+      CE (untargeted) / lowest target CE (targeted) is kept.  With one restart the final delta is returned
+      directly: the authors' code evaluates it once more, which in train mode only adds one BN running-stat
+      update, so that forward pass is skipped.
+    * ``eval_mode=True`` attacks in eval mode (BN uses running stats) and restores each submodule's mode
+      afterwards; ``eval_mode=False`` leaves the mode alone: the authors' AT attacks the model in train mode,
+      so BN uses batch statistics and updates its running stats during the attack (paper section 1.4).
+    * ``amp_dtype`` runs the forward passes under ``torch.autocast``; delta, its updates and the loss stay
+      fp32.
+
+    The output satisfies ``|x_adv - x|_inf <= eps`` (l_inf) or per-sample ``||x_adv - x||_2 <= eps`` (l_2) and
+    ``0 <= x_adv <= 1`` exactly in float32.
+    """
+    _check_norm(norm)
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    dt = _work_dtype(x)
+    x = x.detach().to(dt)
+    targeted = targets is not None
+    labels = (targets if targeted else y).to(x.device)
+    sign = -1.0 if targeted else 1.0  # we always *ascend* sign * CE(labels)
+
+    def objective(xa: torch.Tensor) -> torch.Tensor:
+        with _autocast(x, amp_dtype):
+            logits = model(xa)
+        return sign * F.cross_entropy(logits.float(), labels, reduction="none")
+
+    best = x.clone()
+    best_obj = torch.full((x.shape[0],), -torch.inf, device=x.device)
+    with _mode(model, False if eval_mode else None):
+        for _ in range(restarts):
+            delta = _random_start(x, norm, epsilon, generator) if random_start else torch.zeros_like(x)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                # summed (not mean) loss: each sample's gradient is independent of the batch size
+                (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
+                with torch.no_grad():
+                    delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
+            delta = delta.detach()
+            if restarts == 1:
+                best = x + delta
+                break
+            with torch.no_grad():
+                obj = objective(x + delta)
+                better = obj >= best_obj
+                best = torch.where(_view(better, x), x + delta, best)
+                best_obj = torch.where(better, obj, best_obj)
+    with torch.no_grad():
+        return project(x, best, norm=norm, epsilon=epsilon)
+
+
+# ------------------------------------------------------------------------------------------------ TRADES
+def _kl_rows(logits_ref: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(softmax(ref) || softmax(adv)), computed in fp32 from log-probabilities for stability."""
+    lp_ref = F.log_softmax(logits_ref.float(), dim=1)
+    lp_adv = F.log_softmax(logits_adv.float(), dim=1)
+    return (lp_ref.exp() * (lp_ref - lp_adv)).sum(dim=1)
+
+
+def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: float, step: float, steps: int,
+                        generator: torch.Generator | None, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The KL inner maximisation, assuming the caller has set the model mode."""
+    with torch.no_grad(), _autocast(x, amp_dtype):
+        ref = model(x).float()  # the clean distribution is a fixed target of the inner problem
+    delta = _project_delta(x, 0.001 * _randn(x.shape, x, generator), norm, epsilon)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with _autocast(x, amp_dtype):
+            logits = model(x + delta)
+        (grad,) = torch.autograd.grad(_kl_rows(ref, logits).sum(), delta)
+        with torch.no_grad():
+            delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
+    with torch.no_grad():
+        return project(x, x + delta.detach(), norm=norm, epsilon=epsilon)
+
+
+def trades_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    norm: str,
+    epsilon: float,
+    step: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """TRADES' inner maximisation (Zhang et al. 2019; paper section 1.4); returns ``x_adv``.
+
+    Starts at x + 0.001 * N(0, I) (projected into the ball and box) and ascends
+    KL(softmax f(x) || softmax f(x_adv)) with the clean probabilities fixed, for ``steps`` steps, projecting
+    onto the eps-ball and [0, 1] after each.  l_inf: signed steps of size ``step`` (paper: eps 8/255, step
+    2/255, 10 steps).  l_2: normalised-gradient steps of size ``step``.  The authors' l_2 variant runs plain
+    SGD on delta with lr 2 * eps / steps on the normalised gradient, then a box clamp and a renorm to eps;
+    that is the same update when ``step = 2 * epsilon / steps``, so pass that step to match it.
+
+    The model is in eval mode during the attack and each submodule's mode is restored afterwards; see
+    :func:`trades_loss` for the authors' variant that never restores it.
+    """
+    _check_norm(norm)
+    x = x.detach().to(_work_dtype(x))
+    with _mode(model, False):
+        return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype)
+
+
+def trades_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    beta: float = 6.0,
+    norm: str,
+    epsilon: float,
+    step: float,
+    steps: int,
+    bn_quirk: bool = False,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRADES objective CE(f(x), y) + beta * (1/B) sum_i KL(softmax f(x_i) || softmax f(x_adv_i)).
+
+    Paper: beta = 6.0 (hard-coded by the authors), the training threat of section 1.6.  ``x_adv`` comes from
+    :func:`trades_attack`; in the outer loss the gradient flows through both the clean and the adversarial
+    logits (as in TRADES).  Returns ``(loss, logits_clean, x_adv)``; ``logits_clean`` carries the graph.
+
+    ``bn_quirk=False`` (default, the correct behaviour): the attack runs in eval mode and the model's previous
+    modes are restored before the two loss forward passes, so a training model uses batch statistics there and
+    updates its BN running stats.
+
+    ``bn_quirk=True`` reproduces a bug in the authors' code (paper.md section 1.4 "Code quirk", section 5.5):
+    their TRADES attack calls ``model.eval()`` and never switches back, so the loss forward passes run in eval
+    mode, BN normalises with its running stats, and those stats never update (they stay at their initial
+    mean 0 / var 1 for the whole run).  Here the model is likewise *left in eval mode when this function
+    returns*; calling it every batch reproduces the authors' training exactly in this respect.
+    """
+    _check_norm(norm)
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        x_adv = _trades_attack_eval(model, x.detach().to(_work_dtype(x)), norm, epsilon, step, steps,
+                                    generator, amp_dtype)
+    finally:
+        if not bn_quirk:
+            for m, flag in saved:
+                m.training = flag
+    with _autocast(x, amp_dtype):
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+    ce = F.cross_entropy(logits_clean.float(), y)
+    kl = _kl_rows(logits_clean, logits_adv).mean()  # "batchmean": the KL summed over classes, averaged over B
+    return ce + beta * kl, logits_clean, x_adv
+
+
+# ------------------------------------------------------------------------------------------------ noise
+def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + sigma * N(0, I), i.i.d. per pixel, clamped to [0, 1] (authors' eval.py baseline, sigma = 8/255)."""
+    xf = x.to(_work_dtype(x))
+    return (xf + sigma * _randn(x.shape, xf, generator)).clamp_(0.0, 1.0)
+
+
+def gaussian_l2(x: torch.Tensor, radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + radius * g / ||g||_2 with g ~ N(0, I) per sample, then clamped to [0, 1].
+
+    The authors' l_2-matched baseline (radius 128/255).  Before clamping the noise has norm ``radius`` (up to
+    float rounding); the clamp can only shorten it.
+    """
+    xf = x.to(_work_dtype(x))
+    g = _randn(x.shape, xf, generator)
+    return (xf + g * _view(radius / _l2_norms(g).clamp_min(_TINY), g)).clamp_(0.0, 1.0)
+
+
+def random_sign(x: torch.Tensor, epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + eps * sign(N(0, I)), clamped to [0, 1]: a uniformly random vertex of the l_inf ball.
+
+    The authors' ``linf_label`` baseline (eps = 8/255); ``|x_adv - x| <= eps`` holds exactly.
+    """
+    xf = x.to(_work_dtype(x))
+    s = torch.where(_randn(x.shape, xf, generator) >= 0, 1.0, -1.0).to(xf.dtype)
+    return _project_linf_exact(xf, xf + epsilon * s, epsilon)
+
+
+# ------------------------------------------------------------------------------------------------ dispatcher
+PERTURBATIONS = ("clean", "pgd", "targeted", "gaussian", "gaussian_l2", "sign", "trades")
+
+
+def perturb(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params: Any) -> torch.Tensor:
+    """Apply perturbation ``kind`` by name; ``params`` are the keyword arguments of the matching function.
+
+    ``targeted`` takes ``num_classes`` and optionally ``target_rule`` (default ``"next"``) instead of
+    ``targets``.
+    """
+    if kind == "clean":
+        return x
+    if kind == "pgd":
+        return pgd(model, x, y, **params)
+    if kind == "targeted":
+        p = dict(params)
+        gen = p.get("generator")
+        t = target_labels(y, p.pop("num_classes"), p.pop("target_rule", "next"), generator=gen)
+        return pgd(model, x, y, targets=t, **p)
+    if kind == "gaussian":
+        return gaussian_noise(x, **params)
+    if kind == "gaussian_l2":
+        return gaussian_l2(x, **params)
+    if kind == "sign":
+        return random_sign(x, **params)
+    if kind == "trades":
+        return trades_attack(model, x, **params)
+    raise ValueError(f"unknown perturbation kind {kind!r}; known: {', '.join(PERTURBATIONS)}")

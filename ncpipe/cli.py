@@ -1,0 +1,117 @@
+"""Command-line entry points, one per workflow stage (``ncpipe <stage> ...``).
+
+Rules call these through ``shell:``; Snakemake tracks the rule text, and the stage's modules are declared as
+rule inputs, so a content change to the code reruns exactly the stages that use it (a bare ``touch`` does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .utils import set_threads, setup_logging
+
+log = logging.getLogger("ncpipe")
+
+
+def _spec(s: str) -> dict:
+    return json.loads(Path(s[1:]).read_text()) if s.startswith("@") else json.loads(s)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import run_training
+
+    spec = _spec(a.spec)
+    epochs = spec["checkpoints"]
+    if len(epochs) != len(a.checkpoints):
+        raise SystemExit(f"got {len(a.checkpoints)} checkpoint paths for checkpoint epochs {epochs}")
+    run_training(spec, dict(zip(epochs, a.checkpoints, strict=True)), a.log_csv, a.resume_dir)
+
+
+def cmd_features(a: argparse.Namespace) -> None:
+    from .extract import extract_features
+
+    extract_features(_spec(a.spec), a.checkpoint, a.out)
+
+
+def cmd_metrics(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate_dump
+    from .utils import atomic_output
+
+    df = evaluate_dump(a.dump, regime=a.regime)
+    with atomic_output(a.out) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def cmd_aggregate(a: argparse.Namespace) -> None:
+    from .evaluate import aggregate
+    from .utils import atomic_output
+
+    df = aggregate(a.tables)
+    with atomic_output(a.out) as tmp:
+        df.to_csv(tmp, index=False)
+    log.info("%d rows from %d tables -> %s", len(df), len(a.tables), a.out)
+
+
+def cmd_figures(a: argparse.Namespace) -> None:
+    from .figures import draw_family
+
+    spec = _spec(a.spec)
+    draw_family(a.table, a.family, a.stems, a.outdir, spec["formats"], spec["dpi"], spec["context"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ncpipe", description=__doc__)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (Snakemake's threads:)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run and write its checkpoints and log")
+    t.add_argument("--spec", required=True, help="JSON spec (or @file)")
+    t.add_argument("--log-csv", required=True)
+    t.add_argument("--resume-dir", required=True)
+    t.add_argument("checkpoints", nargs="+", help="output paths, one per spec['checkpoints'] epoch, same order")
+    t.set_defaults(fn=cmd_train)
+
+    f = sub.add_parser("features", help="attack a checkpoint and dump features to HDF5")
+    f.add_argument("--spec", required=True)
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--out", required=True)
+    f.set_defaults(fn=cmd_features)
+
+    m = sub.add_parser("metrics", help="Neural-Collapse metrics of one dump as a tidy CSV")
+    m.add_argument("--dump", required=True)
+    m.add_argument("--regime", default=None)
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_metrics)
+
+    g = sub.add_parser("aggregate", help="concatenate tidy tables")
+    g.add_argument("--out", required=True)
+    g.add_argument("tables", nargs="*")
+    g.set_defaults(fn=cmd_aggregate)
+
+    fg = sub.add_parser("figures", help="draw one figure family")
+    fg.add_argument("--family", required=True)
+    fg.add_argument("--table", required=True)
+    fg.add_argument("--outdir", required=True)
+    fg.add_argument("--spec", required=True)
+    fg.add_argument("stems", nargs="+")
+    fg.set_defaults(fn=cmd_figures)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    set_threads(args.threads)
+    try:
+        args.fn(args)
+    except Exception as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

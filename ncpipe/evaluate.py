@@ -1,0 +1,93 @@
+"""The metrics stage: one HDF5 dump in, one tidy long table out.  Every number comes from ``ncpipe.metrics``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .io import attrs_dict, open_dump
+
+log = logging.getLogger("ncpipe.evaluate")
+
+ID_COLUMNS = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation"]
+COLUMNS = [*ID_COLUMNS, "grouping", "metric", "value", "regime"]
+
+
+def _rows(ident: dict[str, Any], split: str, kind: str, grouping: str, values: dict[str, Any]) -> list[dict]:
+    return [
+        {**ident, "split": split, "perturbation": kind, "grouping": grouping, "metric": k, "value": float(v)}
+        for k, v in values.items()
+        if np.ndim(v) == 0
+    ]
+
+
+def _nc(features: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndarray, c: int) -> dict[str, float]:
+    try:
+        return metrics.neural_collapse(features, labels, weight=w, bias=b, num_classes=c)
+    except ValueError as err:  # e.g. a grouping by predictions in which fewer than two classes occur
+        log.warning("neural collapse not defined here: %s", err)
+        return {}
+
+
+def _align(clean_means: np.ndarray, other_means: np.ndarray) -> dict[str, float]:
+    res = metrics.simplex_alignment(clean_means, other_means)
+    return {f"align_{k}": v for k, v in res.items() if np.ndim(v) == 0}
+
+
+def _means(features: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
+    return metrics.class_means(features, labels, c)[0]
+
+
+def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.DataFrame:
+    """All measures of one dump as a tidy table (columns ``COLUMNS``)."""
+    with open_dump(path) as f:
+        root = attrs_dict(f)
+        c = int(root["num_classes"])
+        w, b = f["classifier/weight"][:], f["classifier/bias"][:]
+        ident = {"dataset": root["dataset"], "arch": root["arch"], "method": root["method"], "norm": root["norm"],
+                 "epsilon": root["epsilon_255"], "seed": root["seed"], "epoch": root["epoch"],
+                 "regime": regime or root["method"]}
+        data = {(s, k): {n: f[f"{s}/{k}/{n}"][:] for n in f[f"{s}/{k}"]} for s in ("train", "test") if s in f
+                for k in f[s]}
+    rows: list[dict] = []
+    train_clean_means = None
+    if ("train", "clean") in data:
+        d = data[("train", "clean")]
+        train_clean_means = _means(d["features"], d["labels"], c)
+    for (split, kind), d in data.items():
+        h, y, pred = d["features"], d["labels"], d["predictions"]
+        rows += _rows(ident, split, kind, "true", _nc(h, y, w, b, c))
+        if kind == "targeted":
+            rows += _rows(ident, split, kind, "target", _nc(h, d["targets"], w, b, c))
+        if kind != "clean":
+            rows += _rows(ident, split, kind, "predicted", _nc(h, pred, w, b, c))
+        clean = data.get((split, "clean"))
+        if kind != "clean" and clean is not None:
+            clean_means = _means(clean["features"], clean["labels"], c)
+            rows += _rows(ident, split, kind, "true", _align(clean_means, _means(h, y, c)))
+            rows += _rows(ident, split, kind, "predicted", _align(clean_means, _means(h, pred, c)))
+            if kind == "targeted":
+                rows += _rows(ident, split, kind, "target", _align(clean_means, _means(h, d["targets"], c)))
+        if train_clean_means is not None:
+            # the paper's robust nearest-class-centre classifier: clean *train* means, any split / perturbation
+            ncc = metrics.ncc_predict(h, train_clean_means)
+            rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": float((ncc == y).mean())})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["value"] = df["value"].astype(float)
+    return df
+
+
+def aggregate(tables: list[str | os.PathLike]) -> pd.DataFrame:
+    frames = [pd.read_csv(t) for t in tables]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    return df.sort_values([*ID_COLUMNS, "grouping", "metric"], kind="stable").reset_index(drop=True)
+
+
+def is_missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))

@@ -1,0 +1,51 @@
+"""Every output path of the workflow, in one place.
+
+Patterns use Snakemake wildcard syntax; ``format_path`` fills them from Python, so the rules, the CLI, the tests
+and the aggregation code all derive paths from these strings and never rebuild them by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESULTS = "results"
+LOGS = "logs"
+BENCH = f"{RESULTS}/benchmarks"
+
+# One training run: dataset x architecture x regime (method + training threat) x seed.
+RUN = RESULTS + "/{dataset}/{arch}/{regime}/seed{seed}"
+CHECKPOINT = RUN + "/checkpoints/epoch{epoch}.pt"
+TRAIN_LOG = RUN + "/train_log.csv"
+RESUME_DIR = RUN + "/.resume"  # not an output: survives a killed job so the rerun can continue
+
+# One evaluation cell: a checkpoint x an evaluation threat model (norm, epsilon in 1/255 units).
+CELL = "epoch{epoch}_{norm}_eps{eps}"
+FEATURES = RUN + "/features/" + CELL + ".h5"
+METRICS = RUN + "/metrics/" + CELL + ".csv"
+LAYERWISE = RUN + "/layerwise/" + CELL + ".csv"
+LAYERWISE_H5 = RUN + "/layerwise/" + CELL + ".h5"
+
+ALL_METRICS = RESULTS + "/metrics.csv"
+ALL_LAYERWISE = RESULTS + "/layerwise.csv"
+ALL_TRAIN_LOGS = RESULTS + "/train_logs.csv"
+FIGURE_DIR = RESULTS + "/figures"
+FIGURE = FIGURE_DIR + "/{name}.{ext}"
+TABLE_DIR = RESULTS + "/tables"
+
+
+def log(rule: str, pattern: str) -> str:
+    """The log file of ``rule`` for the job whose main output is ``pattern`` (a path under results/)."""
+    return f"{LOGS}/{rule}/{_stem(pattern)}.log"
+
+
+def benchmark(rule: str, pattern: str) -> str:
+    return f"{BENCH}/{rule}/{_stem(pattern)}.tsv"
+
+
+def _stem(pattern: str) -> str:
+    s = pattern.removeprefix(RESULTS + "/")
+    return s.rsplit(".", 1)[0] if "." in s.rsplit("/", 1)[-1] else s
+
+
+def format_path(pattern: str, **wildcards: Any) -> str:
+    return pattern.format(**wildcards)

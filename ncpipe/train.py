@@ -1,0 +1,268 @@
+"""Training of the paper's three regimes (ST, PGD-AT, TRADES) with exact, resumable state.
+
+The whole split sits on the device as uint8; each epoch draws a permutation from a dedicated generator, so a
+run resumed from its last epoch state (model, optimiser, schedule position, every RNG) ends with the same
+weights as an uninterrupted one.  Checkpoints are written under the run's ``.resume`` directory with atomic
+renames and published (hard-linked) to their declared outputs only when the whole job succeeds: Snakemake
+deletes a failed job's outputs, and the resume directory is what lets the rerun continue instead of restarting.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from . import attacks
+from .data import ImageData, load_dataset, to_float
+from .models import NCModel, build_model
+from .utils import atomic_output, link_or_copy, pick_device, seed_everything, spec_hash
+
+log = logging.getLogger("ncpipe.train")
+
+LOG_COLUMNS = ["epoch", "lr", "loss", "train_acc", "robust_loss", "robust_acc", "test_acc", "seconds"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the run and the epoch."""
+
+
+# ------------------------------------------------------------------------------------------- building blocks
+def lr_at(t: float, epochs: int, lr: float, milestones: list[float], decay: float) -> float:
+    """Piecewise-constant schedule on the fractional epoch ``t`` (the authors update it every iteration)."""
+    return lr * decay ** sum(t / epochs >= m for m in milestones)
+
+
+def model_from_data(spec: dict[str, Any], data: ImageData) -> NCModel:
+    return build_model(spec["arch"], num_classes=data.num_classes, in_channels=data.in_channels, mean=data.mean,
+                       std=data.std, width=spec["width"], stem=data.stem)
+
+
+def load_data(spec: dict[str, Any]) -> ImageData:
+    d = spec["data"]
+    return load_dataset(d["name"], d["dir"], download=d.get("download", False),
+                        train_per_class=d.get("train_per_class"), test_per_class=d.get("test_per_class"))
+
+
+def runtime_setup(runtime: dict[str, Any]) -> tuple[torch.device, torch.dtype | None]:
+    device = pick_device(runtime.get("device", "auto"))
+    if runtime.get("deterministic", True):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    # bf16 autocast only pays on GPUs; on CPU it would slow down and change numerics, so it is ignored there
+    amp = torch.bfloat16 if runtime.get("amp") and device.type == "cuda" else None
+    return device, amp
+
+
+def prepare_model(model: NCModel, runtime: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Move to the device; channels_last and torch.compile where asked and available. Returns the callable."""
+    model.to(device)
+    if runtime.get("channels_last") and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if runtime.get("compile"):
+        try:
+            return torch.compile(model)  # type: ignore[return-value]
+        except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
+            log.warning("torch.compile unavailable (%s); running eagerly", err)
+    return model
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+                      amp: torch.dtype | None = None) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = to_float(x[i:i + batch_size])
+        with torch.autocast(xb.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            correct += (model(xb).argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "gens": {k: g.get_state() for k, g in gens.items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for k, g in gens.items():
+        g.set_state(state["gens"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_payload(model: NCModel, spec: dict[str, Any], data: ImageData, epoch: int) -> dict[str, Any]:
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": epoch,
+        "spec": spec,
+        "meta": {"arch": spec["arch"], "width": spec["width"], "num_classes": data.num_classes,
+                 "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std),
+                 "stem": data.stem, "dataset": data.name, "method": spec["method"], "seed": spec["seed"]},
+    }
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[NCModel, dict[str, Any]]:
+    """Rebuild a model from a checkpoint; a truncated or foreign file gives an error that names it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        meta = ckpt["meta"]
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged zip
+        raise RuntimeError(f"checkpoint {path} is unreadable or truncated ({err}); delete it and rerun training") from err
+    model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                        mean=meta["mean"], std=meta["std"], width=meta["width"], stem=meta["stem"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec: dict[str, Any],
+               gen: torch.Generator, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One optimisation step's loss (not yet backpropagated) and the logits used for logging."""
+    method = spec["method"]
+    ac = dict(device_type=xb.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    if method == "st":
+        with torch.autocast(**ac):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        return {"loss": loss, "logits": logits}
+    adv = spec["adversary"]
+    eps, step = adv["epsilon"] / 255.0, adv["step"] / 255.0
+    if method == "at":
+        x_adv = attacks.pgd(model, xb, yb, norm=adv["norm"], epsilon=eps, step=step, steps=adv["steps"],
+                            eval_mode=spec.get("at_attack_mode", "train") == "eval", generator=gen, amp_dtype=amp)
+        with torch.autocast(**ac):
+            robust_logits = model(x_adv)
+            loss = F.cross_entropy(robust_logits, yb)
+            with torch.no_grad():  # clean pass for logging only, in train mode as in the authors' loop
+                logits = model(xb)
+        return {"loss": loss, "logits": logits, "robust_logits": robust_logits}
+    if method == "trades":
+        tr = spec["trades"]
+        loss, logits, x_adv = attacks.trades_loss(model, xb, yb, beta=tr["beta"], norm=adv["norm"], epsilon=eps,
+                                                  step=step, steps=adv["steps"], bn_quirk=tr["bn_quirk"],
+                                                  generator=gen, amp_dtype=amp)
+        with torch.no_grad(), torch.autocast(**ac):
+            robust_logits = model(x_adv)
+        return {"loss": loss, "logits": logits, "robust_logits": robust_logits}
+    raise ValueError(f"unknown training method {method!r}; known: st, at, trades")
+
+
+def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_csv: str, resume_dir: str,
+                 *, stop_after_epoch: int | None = None) -> None:
+    """Train one run described by ``spec`` (see ``grid.train_spec``) and publish its checkpoints and log.
+
+    ``stop_after_epoch`` exists for tests that simulate an interruption at an epoch boundary.
+    """
+    device, amp = runtime_setup(spec["runtime"])
+    seed_everything(spec["seed"])
+    data = load_data(spec)
+    model = model_from_data(spec, data)
+    net = prepare_model(model, spec["runtime"], device)
+    opt = spec["optim"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=opt["lr"], momentum=opt["momentum"],
+                                weight_decay=opt["weight_decay"])
+    gens = {"shuffle": torch.Generator().manual_seed(spec["seed"]),
+            "attack": torch.Generator(device=device).manual_seed(spec["seed"] + 1)}
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    cell = f"{data.name}/{spec['arch']}/{spec['method']}/seed{spec['seed']}"
+
+    resume = Path(resume_dir)
+    ckpt_dir = resume / "checkpoints"
+    state_file = resume / "state.pt"
+    key = spec_hash(spec)
+    start_epoch, rows = 0, []
+    if state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        if state.get("spec_hash") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], gens)
+            start_epoch, rows = state["epoch"], state["rows"]
+            log.info("resuming %s from the end of epoch %d", cell, start_epoch)
+        else:
+            log.warning("ignoring resume state of another configuration in %s", resume)
+            shutil.rmtree(resume)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if start_epoch == 0 and 0 in checkpoint_outputs:
+        save_atomic(checkpoint_payload(model, spec, data, 0), ckpt_dir / "epoch0.pt")
+
+    epochs, n = opt["epochs"], len(x_tr)
+    bar = tqdm(range(start_epoch, epochs), desc=f"train {cell}", initial=start_epoch, total=epochs,
+               mininterval=5, dynamic_ncols=True)
+    for epoch in bar:  # ``epoch`` counts completed epochs before this one
+        t0 = time.time()
+        net.train()
+        order = torch.randperm(n, generator=gens["shuffle"]).to(device)
+        batches = order.split(opt["batch_size"])
+        sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
+        for i, idx in enumerate(batches):
+            lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"], opt["lr_decay"])
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            xb, yb = to_float(x_tr[idx]), y_tr[idx]
+            out = train_step(net, xb, yb, spec, gens["attack"], amp)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"training of {cell} diverged: loss = {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
+                    f"(lr = {lr:g}); lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += loss.item() * len(idx)
+            sums["correct"] += (out["logits"].argmax(1) == yb).sum().item()
+            if "robust_logits" in out:
+                rl = out["robust_logits"].float()
+                sums["robust_loss"] += F.cross_entropy(rl, yb, reduction="sum").item()
+                sums["robust_correct"] += (rl.argmax(1) == yb).sum().item()
+        robust = "robust_logits" in out
+        row = {"epoch": epoch + 1, "lr": lr, "loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
+               "robust_loss": sums["robust_loss"] / n if robust else math.nan,
+               "robust_acc": sums["robust_correct"] / n if robust else math.nan,
+               "test_acc": evaluate_accuracy(net, x_te, y_te, amp=amp), "seconds": time.time() - t0}
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", test=f"{row['test_acc']:.3f}")
+        log.info("epoch %d %s", epoch + 1, json.dumps({k: round(v, 5) for k, v in row.items()}))
+        if epoch + 1 in checkpoint_outputs:
+            save_atomic(checkpoint_payload(model, spec, data, epoch + 1), ckpt_dir / f"epoch{epoch + 1}.pt")
+        save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "rng": _rng_state(gens), "rows": rows}, state_file)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            return
+
+    with atomic_output(log_csv) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    for e, out_path in checkpoint_outputs.items():
+        link_or_copy(ckpt_dir / f"epoch{e}.pt", out_path)
+    shutil.rmtree(resume)
