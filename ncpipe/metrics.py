@@ -1,0 +1,468 @@
+"""Neural-Collapse measures (paper.md section 2), exact and fast.
+
+Conventions (they follow the authors' ``neural_collapse()``; paper.md 2.1-2.6):
+
+* Everything is computed in float64 whatever the input dtype; inputs may be numpy arrays or torch tensors
+  (any device). Results are Python floats / numpy arrays.
+* ``Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (pooled over the *total* N),
+  ``Sigma_B = Mt^T Mt / C`` with the centred means ``Mt`` (rows ``mu_c - mu_G``), ``mu_G`` count-weighted.
+  ``nc1 = Tr(Sigma_W Sigma_B^+)`` (the code's normalisation, no 1/C), ``nc1_over_c = nc1 / C`` (Papyan's).
+* **Classes absent from the labels** are left out: C is the number of classes *present*, every mean-based
+  quantity (Sigma_B, NC2 on means, NC3, the NCC rule) uses only those classes, and NC3 compares them with the
+  matching rows of W. The classifier-only quantities (``nc2_*_weights``) use all rows of W. Fewer than two
+  classes present raises ``ValueError``.
+
+NC1 without a D x D matrix (paper.md 2.2). With the thin SVD ``Mt = U S V^T`` (Mt is C x D),
+``Sigma_B = V S^2 V^T / C`` and ``Sigma_B^+ = C V S^-2 V^T`` over the kept singular values, so
+
+    Tr(Sigma_W Sigma_B^+) = (C / N) * sum_k  sum_i <z_i, v_k>^2 / s_k^2,      z_i = h_i - mu_{y_i}.
+
+Only the C numbers ``sum_i <z_i, v_k>^2`` must be accumulated. This is the low-rank identity of the paper
+written in the orthonormal basis V = Mt^T U S^-1 rather than with ``(Mt^T Mt)^{+2}``: the same value, but
+better conditioned, because the singular values of Mt are accurate to eps * s_max whereas the eigenvalues of
+the Gram matrix are only accurate to eps * s_max^2, which can push a structural zero above the cutoff.
+
+Pseudo-inverse cutoff: the one of ``scipy.linalg.pinv(Sigma_B)`` with default arguments, i.e. an eigenvalue
+``s_k^2 / C`` of Sigma_B is kept iff ``s_k^2 > max(D, D) * eps_float64 * s_max^2`` (D = feature dimension).
+
+Because the projections need the centred means, a streaming computation needs two passes over the data
+(``ClassStats``: ``update`` for pass 1, ``update_within`` for pass 2); the in-memory ``neural_collapse`` runs
+the same two passes over row chunks of its input, so both give identical numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = Any  # numpy array or torch tensor
+
+# Rows per chunk are chosen so that one float64 chunk holds about this many elements (32 MiB).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        arr = np.asarray(x)
+        if not arr.dtype.isnative or any(st < 0 for st in arr.strides) or not arr.flags.writeable:
+            # torch.from_numpy rejects these (or warns); one copy in native byte order fixes all three
+            arr = np.array(arr, dtype=arr.dtype.newbyteorder("="))
+        t = torch.from_numpy(arr)
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t
+
+
+def _features64(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+    t = _tensor(x, device).detach()
+    if t.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D); got shape {tuple(t.shape)}")
+    return t.to(torch.float64)
+
+
+def _labels(y: ArrayLike, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    t = _tensor(y).detach().reshape(-1)
+    if t.is_floating_point():
+        if not bool(torch.all(t == torch.round(t))):
+            raise ValueError("labels must be integers")
+    t = t.to(device=device, dtype=torch.long)
+    if t.numel() != n:
+        raise ValueError(f"{t.numel()} labels for {n} feature rows")
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def _chunk_rows(dim: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, dim))
+
+
+def _row_chunks(features: ArrayLike, labels: ArrayLike) -> Iterator[tuple[ArrayLike, ArrayLike]]:
+    n, d = features.shape[0], features.shape[1]
+    step = _chunk_rows(d)
+    for i in range(0, n, step):
+        yield features[i : i + step], labels[i : i + step]
+
+
+def _num_classes(labels: ArrayLike, weight: ArrayLike | None, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return int(num_classes)
+    if weight is not None:
+        return int(weight.shape[0])
+    y = _tensor(labels).reshape(-1)
+    if y.numel() == 0:
+        raise ValueError("no samples")
+    return int(y.max()) + 1
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def pinv_keep(singular_values: np.ndarray | torch.Tensor, dim: int) -> np.ndarray | torch.Tensor:
+    """Mask of the singular values ``s`` of Mt whose eigenvalue ``s^2/C`` of Sigma_B (D x D) scipy keeps.
+
+    ``scipy.linalg.pinv`` discards singular values ``<= atol + rtol * max`` with ``atol = 0`` and
+    ``rtol = max(shape) * eps``; Sigma_B is ``dim x dim``, and its singular values are ``s^2 / C``.
+    """
+    s2 = singular_values**2
+    if s2.shape[0] == 0:
+        return s2 > 0
+    return s2 > dim * np.finfo(np.float64).eps * s2.max()
+
+
+def _coherence(vectors: np.ndarray) -> float:
+    """Mean over ordered pairs c != c' of |cos(v_c, v_c') + 1/(C-1)| (paper.md 2.3)."""
+    c = vectors.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    off = ~np.eye(c, dtype=bool)
+    return float(np.abs(cos[off] + 1.0 / (c - 1)).mean())
+
+
+def _equinorm(vectors: np.ndarray) -> float:
+    norms = np.linalg.norm(vectors, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(norms.std(ddof=1) / norms.mean())  # unbiased std, as torch.std (paper.md 5.12)
+
+
+# ------------------------------------------------------------------------------------------------ class means
+def class_means(features: ArrayLike, labels: ArrayLike, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means (C, D) float64 and counts (C,) int64. Rows of absent classes are NaN."""
+    stats = ClassStats(num_classes)
+    for xs, ys in _row_chunks(features, labels):
+        stats.update(xs, ys)
+    if stats.num_samples == 0:
+        raise ValueError("no samples")
+    return stats.means, stats.counts
+
+
+# ------------------------------------------------------------------------------------------------------- NCC
+def _ncc_argmin(x64: torch.Tensor, means: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    # ||h - mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2; ||h||^2 does not change the argmin.
+    return torch.argmin(sq_norms[None, :] - 2.0 * (x64 @ means.T), dim=1)
+
+
+class _NCCRule:
+    """Nearest (uncentred) class mean, Euclidean; NaN rows of ``means`` (absent classes) never win."""
+
+    def __init__(self, means: ArrayLike, device: torch.device) -> None:
+        m = _tensor(means).detach().to(device=device, dtype=torch.float64)
+        if m.ndim != 2:
+            raise ValueError("means must be 2-D (C, D)")
+        valid = torch.isfinite(m).all(dim=1)
+        if not bool(valid.any()):
+            raise ValueError("no finite class mean")
+        self.classes = torch.nonzero(valid).reshape(-1)
+        self.means = m[valid]
+        self.sq_norms = (self.means**2).sum(dim=1)
+
+    def predict64(self, x64: torch.Tensor) -> torch.Tensor:
+        return self.classes[_ncc_argmin(x64, self.means, self.sq_norms)]
+
+
+def ncc_predict(features: ArrayLike, means: ArrayLike) -> np.ndarray:
+    """Nearest-class-centre labels (int64) of ``features`` (N, D) to ``means`` (C, D); NaN rows skipped."""
+    feats = _tensor(features)
+    if feats.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
+    rule = _NCCRule(means, feats.device)
+    if rule.means.shape[1] != feats.shape[1]:
+        raise ValueError(f"means have dimension {rule.means.shape[1]}, features {feats.shape[1]}")
+    out = [rule.predict64(_features64(feats[i : i + _chunk_rows(feats.shape[1])]))
+           for i in range(0, feats.shape[0], _chunk_rows(feats.shape[1]))]
+    if not out:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(out).cpu().numpy().astype(np.int64)
+
+
+class NCCAccuracy:
+    """Streaming accuracy of the NCC rule with *fixed* means (e.g. a layer's clean means, perturbed data)."""
+
+    def __init__(self, means: ArrayLike) -> None:
+        self._means = means
+        self._rule: _NCCRule | None = None
+        self.correct = 0
+        self.total = 0
+
+    def update(self, features: ArrayLike, labels: ArrayLike) -> None:
+        x = _features64(features)
+        if self._rule is None:
+            self._rule = _NCCRule(self._means, x.device)
+        y = _labels(labels, x.shape[0], int(_tensor(self._means).shape[0]), x.device)
+        self.correct += int((self._rule.predict64(x) == y).sum())
+        self.total += x.shape[0]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ ClassStats
+class ClassStats:
+    """Streaming per-class statistics of one feature set; exact NC1 in two passes, never a D x D matrix.
+
+    Pass 1: ``update(features_chunk, labels_chunk)`` any number of times (class sums and counts).
+    Pass 2: ``update_within(...)`` over the *same* samples (any order / chunking): the projections of
+    ``z_i = h_i - mu_{y_i}`` onto the right singular vectors of the centred means, and the NCC accuracy with
+    the set's own means. ``freeze()`` (called implicitly by the first ``update_within``) ends pass 1.
+    Then ``nc1()`` and ``ncc_accuracy``. Passes are checked: pass 2 must see the same per-class counts.
+    Tensors stay on the device of the first chunk (accumulated in float64).
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        self.num_classes = int(num_classes)
+        self.device: torch.device | None = None
+        self._sums: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+        self._frozen = False
+        # set by freeze()
+        self._means_t: torch.Tensor | None = None
+        self._present: torch.Tensor | None = None
+        self._basis: torch.Tensor | None = None  # D x r, orthonormal columns (right singular vectors of Mt)
+        self._sv: torch.Tensor | None = None  # r singular values of Mt
+        self._ncc: _NCCRule | None = None
+        # pass 2
+        self._proj_sq: torch.Tensor | None = None
+        self._counts2: torch.Tensor | None = None
+        self._ncc_correct = 0
+
+    # ------------------------------------------------------------------ pass 1
+    def update(self, features: ArrayLike, labels: ArrayLike) -> None:
+        if self._frozen:
+            raise RuntimeError("ClassStats is frozen (pass 2 started); create a new one for new data")
+        x = _features64(features)
+        if self.device is None:
+            self.device = x.device
+            self._sums = torch.zeros(self.num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+            self._counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        x = x.to(self.device)
+        if x.shape[1] != self._sums.shape[1]:
+            raise ValueError(f"feature dimension changed from {self._sums.shape[1]} to {x.shape[1]}")
+        y = _labels(labels, x.shape[0], self.num_classes, self.device)
+        self._sums.index_add_(0, y, x)
+        self._counts += torch.bincount(y, minlength=self.num_classes)
+
+    @property
+    def dim(self) -> int:
+        return 0 if self._sums is None else int(self._sums.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return 0 if self._counts is None else int(self._counts.sum())
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            return np.zeros(self.num_classes, dtype=np.int64)
+        return self._counts.cpu().numpy().astype(np.int64)
+
+    def _means_tensor(self) -> torch.Tensor:
+        if self._sums is None:
+            raise ValueError("no samples")
+        cnt = self._counts.to(torch.float64)[:, None]
+        return torch.where(cnt > 0, self._sums / cnt.clamp_min(1), torch.full_like(self._sums, float("nan")))
+
+    @property
+    def means(self) -> np.ndarray:
+        """(C, D) float64 class means; NaN rows for absent classes."""
+        return (self._means_t if self._frozen else self._means_tensor()).cpu().numpy()
+
+    # ------------------------------------------------------------------ freeze
+    def freeze(self) -> None:
+        """End pass 1: fix the means and the basis of the centred means (thin SVD of a C x D matrix)."""
+        if self._frozen:
+            return
+        if self.num_samples == 0:
+            raise ValueError("no samples")
+        present = self._counts > 0
+        if int(present.sum()) < 2:
+            raise ValueError(f"neural collapse needs >= 2 classes with samples; {int(present.sum())} present")
+        means = self._means_tensor()
+        global_mean = self._sums.sum(dim=0) / self.num_samples  # count-weighted mu_G
+        centred = means[present] - global_mean
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        self._means_t, self._present = means, present
+        self._basis, self._sv = vh.T.contiguous(), s
+        self._ncc = _NCCRule(means, self.device)
+        self._proj_sq = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
+        self._counts2 = torch.zeros_like(self._counts)
+        self._frozen = True
+
+    # ------------------------------------------------------------------ pass 2
+    def _within64(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.freeze()
+        z = x - self._means_t[y]
+        q = z @ self._basis
+        self._proj_sq += (q * q).sum(dim=0)
+        self._counts2 += torch.bincount(y, minlength=self.num_classes)
+        pred = self._ncc.predict64(x)
+        self._ncc_correct += int((pred == y).sum())
+        return pred
+
+    def update_within(self, features: ArrayLike, labels: ArrayLike) -> np.ndarray:
+        """Pass-2 update; returns the NCC predictions (own means) of the chunk."""
+        self.freeze()
+        x = _features64(features, self.device)
+        y = _labels(labels, x.shape[0], self.num_classes, self.device)
+        return self._within64(x, y).cpu().numpy()
+
+    def _check_pass2(self) -> None:
+        if not self._frozen or self._counts2 is None:
+            raise RuntimeError("pass 2 (update_within) has not been run")
+        if not torch.equal(self._counts2, self._counts):
+            raise RuntimeError("pass 2 saw different per-class counts than pass 1: not the same data")
+
+    # ------------------------------------------------------------------ results
+    def nc1(self) -> dict[str, float]:
+        """``nc1`` = Tr(Sigma_W Sigma_B^+) and ``nc1_over_c`` = nc1 / C, C = number of classes present."""
+        self._check_pass2()
+        c = int(self._present.sum())
+        keep = pinv_keep(self._sv, self.dim)
+        if not bool(keep.any()):  # all class means coincide: Sigma_B = 0, NC1 undefined
+            return {"nc1": float("nan"), "nc1_over_c": float("nan")}
+        val = float((self._proj_sq[keep] / self._sv[keep] ** 2).sum()) * c / self.num_samples
+        return {"nc1": val, "nc1_over_c": val / c}
+
+    def centred_means(self) -> np.ndarray:
+        """(C_present, D): the present classes' means minus the count-weighted global mean (freezes)."""
+        self.freeze()
+        global_mean = self._sums.sum(dim=0) / self.num_samples
+        return (self._means_t[self._present] - global_mean).cpu().numpy()
+
+    @property
+    def ncc_accuracy(self) -> float:
+        self._check_pass2()
+        return self._ncc_correct / self.num_samples
+
+    @classmethod
+    def from_batches(cls, batches: Callable[[], Iterable[tuple[ArrayLike, ArrayLike]]],
+                     num_classes: int) -> ClassStats:
+        """Both passes over ``batches()`` (called twice; it must yield the same samples each time)."""
+        stats = cls(num_classes)
+        for x, y in batches():
+            stats.update(x, y)
+        stats.freeze()
+        for x, y in batches():
+            stats.update_within(x, y)
+        return stats
+
+
+# -------------------------------------------------------------------------------------------- neural collapse
+def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | None = None,
+                    bias: ArrayLike | None = None, num_classes: int | None = None) -> dict[str, float]:
+    """NC1-NC4 of one feature set (paper.md 2.2-2.5), float64.
+
+    Returns ``nc1``, ``nc1_over_c``, ``nc2_equinorm_means``, ``nc2_equiangular_means``, ``ncc_accuracy``
+    and, when ``weight`` (C, D) is given, ``nc2_equinorm_weights``, ``nc2_equiangular_weights``, ``nc3``,
+    ``nc4`` (NCC vs network mismatch rate) and ``accuracy`` (network argmax(W h + b) vs labels).
+    ``num_classes`` defaults to ``weight.shape[0]`` or ``max(labels) + 1``. Classes absent from ``labels`` are
+    left out (module docstring); fewer than two present raises ``ValueError``.
+    """
+    feats = _tensor(features)
+    if feats.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
+    n, d = feats.shape
+    if n == 0:
+        raise ValueError("no samples")
+    c = _num_classes(labels, weight, num_classes)
+    w = b = None
+    if weight is not None:
+        w = _tensor(weight).detach().to(device=feats.device, dtype=torch.float64)
+        if tuple(w.shape) != (c, d):
+            raise ValueError(f"weight has shape {tuple(w.shape)}, expected ({c}, {d})")
+        b = (torch.zeros(c, dtype=torch.float64, device=feats.device) if bias is None
+             else _tensor(bias).detach().to(device=feats.device, dtype=torch.float64).reshape(-1))
+        if b.shape[0] != c:
+            raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
+    lab = _tensor(labels)
+
+    stats = ClassStats(c)
+    for xs, ys in _row_chunks(feats, lab):
+        stats.update(xs, ys)
+    stats.freeze()
+    agree = correct = 0
+    for xs, ys in _row_chunks(feats, lab):
+        x = _features64(xs, stats.device)
+        y = _labels(ys, x.shape[0], c, stats.device)
+        ncc = stats._within64(x, y)
+        if w is not None:
+            net = torch.argmax(x @ w.T + b, dim=1)
+            agree += int((net == ncc).sum())
+            correct += int((net == y).sum())
+
+    out: dict[str, float] = dict(stats.nc1())
+    present = stats.counts > 0
+    centred = stats.centred_means()
+    out["nc2_equinorm_means"] = _equinorm(centred)
+    out["nc2_equiangular_means"] = _coherence(centred)
+    if w is not None:
+        wn = w.cpu().numpy()
+        out["nc2_equinorm_weights"] = _equinorm(wn)
+        out["nc2_equiangular_weights"] = _coherence(wn)
+        wp = wn[present]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diff = wp / np.linalg.norm(wp) - centred / np.linalg.norm(centred)
+        out["nc3"] = float((diff**2).sum())
+        out["nc4"] = 1.0 - agree / n
+        out["accuracy"] = correct / n
+    out["ncc_accuracy"] = stats.ncc_accuracy
+    return out
+
+
+# ------------------------------------------------------------------------------------------ simplex alignment
+def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise angle in radians, 2 atan2(|a^ - b^|, |a^ + b^|): exact 0 for identical rows, unlike arccos.
+
+    NaN where either row has zero norm (the authors' ``+1e-10`` would give pi/2 there).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ua = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        ub = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return 2.0 * np.arctan2(np.linalg.norm(ua - ub, axis=-1), np.linalg.norm(ua + ub, axis=-1))
+
+
+def simplex_alignment(means_a: ArrayLike, means_b: ArrayLike) -> dict[str, Any]:
+    """Alignment of two class-mean simplices (paper.md 2.6c), angles in radians.
+
+    Per class c (arrays ``*_per_class``, NaN where a row of either input is NaN) and their means over classes:
+    ``angle_centred`` / ``dist_centred`` between ``mu_c^a - mean^a`` and ``mu_c^b - mean^b``, where
+    ``mean^x`` is the unweighted mean of the class means of set x over the classes valid in *both* sets
+    (so both simplices are centred on the same vertex set); ``angle_uncentred`` / ``dist_uncentred`` between
+    the raw means;
+    ``global_mean_angle`` / ``global_mean_dist`` between ``mean^a`` and ``mean^b``.
+    """
+    a = _to_numpy(means_a).astype(np.float64)
+    b = _to_numpy(means_b).astype(np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"means must be two (C, D) arrays of the same shape; got {a.shape} and {b.shape}")
+    valid = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    if not valid.any():
+        raise ValueError("no class has a finite mean in both sets")
+    ga, gb = a[valid].mean(axis=0), b[valid].mean(axis=0)
+    nan = np.full(a.shape[0], np.nan)
+    per: dict[str, np.ndarray] = {k: nan.copy() for k in ("angle_centred", "dist_centred", "angle_uncentred",
+                                                          "dist_uncentred")}
+    ca, cb = a[valid] - ga, b[valid] - gb
+    per["angle_centred"][valid] = _angles(ca, cb)
+    per["dist_centred"][valid] = np.linalg.norm(ca - cb, axis=1)
+    per["angle_uncentred"][valid] = _angles(a[valid], b[valid])
+    per["dist_uncentred"][valid] = np.linalg.norm(a[valid] - b[valid], axis=1)
+    out: dict[str, Any] = {}
+    for k, v in per.items():
+        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        out[f"{k}_per_class"] = v
+    out["global_mean_angle"] = float(_angles(ga[None], gb[None])[0])
+    out["global_mean_dist"] = float(np.linalg.norm(ga - gb))
+    return out
