@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def cmd_figures(a: argparse.Namespace) -> None:
     draw_family(a.table, a.family, a.stems, a.outdir, spec["formats"], spec["dpi"], spec["context"])
 
 
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from .inspect import run
+    from .io import DumpError
+
+    try:
+        text, status = run(a.file, as_json=a.json, verify=a.verify, checkpoint=a.checkpoint, rows=a.rows,
+                           data_dir=a.data_dir)
+    except DumpError as err:  # a clear one-line message, no traceback, for a bad file
+        print(f"ncpipe inspect: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `ncpipe inspect F | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncpipe", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (Snakemake's threads:)")
@@ -99,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--spec", required=True)
     fg.add_argument("stems", nargs="+")
     fg.set_defaults(fn=cmd_figures)
+    ins = sub.add_parser("inspect", help="summarise a feature dump or layerwise file; --verify provenance")
+    ins.add_argument("file", help="an HDF5 file written by `ncpipe features` or the layerwise stage")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--verify", action="store_true",
+                     help="check the checkpoint's sha256 and recompute a few clean features from it")
+    ins.add_argument("--checkpoint", default=None, help="checkpoint to verify (default: the recorded one)")
+    ins.add_argument("--rows", type=int, default=8, help="rows per split that --verify recomputes")
+    ins.add_argument("--data-dir", default=None, help="override the recorded data directory for --verify")
+    ins.set_defaults(fn=cmd_inspect)
     return p
 
 

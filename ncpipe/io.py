@@ -1,14 +1,19 @@
 """HDF5 feature dumps: writing (atomically) and reading.
 
-Layout (documented in docs/hdf5-format.md)::
+The format is specified in docs/hdf5-format.md (``format_version`` 1.0); in short::
 
-    /                       attrs: format_version, dataset, arch, method, regime, seed, epoch, norm, epsilon, ...
-    /classifier/weight      (C, D) float32     last linear layer
-    /classifier/bias        (C,)   float32
-    /{split}/{kind}/features     (N, D) float32 (or float16)
+    /                            attrs: format_version, complete, dataset, arch, method, seed, epoch, norm,
+                                        epsilon, ..., checkpoint, checkpoint_sha256, config (JSON)
+    /classifier/weight           (C, D) float32     last linear layer
+    /classifier/bias             (C,)   float32
+    /{split}/{kind}/features     (N, D) float32 (or float16, config ``features.dtype``)
     /{split}/{kind}/labels       (N,)   int64  true labels
     /{split}/{kind}/predictions  (N,)   int64  network argmax
     /{split}/{kind}/targets      (N,)   int64  only for kind = targeted
+
+Row ``i`` of every group of one split is the same image (sample ``i`` of that split as ``ncpipe.data``
+loads it), so clean and perturbed features pair up by position.  The layerwise file
+(``paths.LAYERWISE_H5``) uses ``/layers/{layer}/{kind}/features|labels``; ``ncpipe.inspect`` reads both.
 """
 
 from __future__ import annotations
@@ -18,16 +23,26 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from .utils import atomic_output
 
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import xarray as xr
+
 FORMAT_VERSION = "1.0"
-# Rows per chunk: ~1 MiB chunks at D = 512 float32, so a partial read of a few rows touches one chunk.
+# Readers accept any minor version of this major: minor bumps only add datasets or attributes.
+SUPPORTED_MAJOR = 1
+# Rows per chunk: ~1 MiB chunks (512 rows at D = 512 float32); benchmarks/hdf5_layout.py measured this as the
+# best trade-off between random-row reads and file size (numbers in docs/hdf5-format.md).
 CHUNK_BYTES = 1 << 20
+SPLITS = ("train", "test")
+# Display / stacking order of perturbation kinds; kinds unknown here sort after these.
+KIND_ORDER = ("clean", "pgd", "targeted", "gaussian", "sign")
 
 
 class DumpError(RuntimeError):
@@ -40,6 +55,10 @@ def _attr(v: Any) -> Any:
         return json.dumps(v, sort_keys=True)
     if v is None:
         return "none"
+    if isinstance(v, str | np.str_):
+        # str subclasses (torch.__version__ is a TorchVersion) would become fixed-width numpy unicode, which
+        # HDF5 cannot store; plain str is written as variable-length UTF-8
+        return str.__str__(v)
     return v
 
 
@@ -54,7 +73,15 @@ def chunk_rows(dim: int, itemsize: int) -> int:
 
 def write_matrix(group: h5py.Group, name: str, data: np.ndarray, *, dtype: str = "float32",
                  compression: str | None = "gzip") -> h5py.Dataset:
-    data = np.asarray(data, dtype=dtype)
+    src = np.asarray(data)
+    data = src.astype(dtype, copy=False)
+    if data.dtype.kind == "f" and src.dtype.kind == "f" and data.dtype.itemsize < src.dtype.itemsize:
+        # float16 tops out at 65504: a silent inf would poison every metric downstream
+        bad = ~np.isfinite(data) & np.isfinite(src)
+        if bad.any():
+            raise DumpError(f"{group.name}/{name}: {int(bad.sum())} values overflow {dtype} (max |x| = "
+                            f"{float(np.abs(src).max()):.4g}); store features as float32 "
+                            "(config features.dtype)")
     kw: dict[str, Any] = {}
     if compression and compression != "none" and data.size:
         rows = min(len(data), chunk_rows(data.shape[1] if data.ndim > 1 else 1, data.itemsize))
@@ -74,7 +101,7 @@ def create_dump(path: str | os.PathLike, root_attrs: dict[str, Any]) -> Iterator
             f.attrs["complete"] = True
 
 
-def open_dump(path: str | os.PathLike) -> h5py.File:
+def open_dump(path: str | os.PathLike, *, require_complete: bool = True) -> h5py.File:
     """Open a dump read-only, refusing files that are truncated or were never completed."""
     p = Path(path)
     if not p.exists():
@@ -82,10 +109,23 @@ def open_dump(path: str | os.PathLike) -> h5py.File:
     try:
         f = h5py.File(p, "r")
     except OSError as err:
-        raise DumpError(f"feature dump {p} is not a readable HDF5 file (truncated or corrupted?): {err}") from err
-    if not f.attrs.get("complete", False) or "format_version" not in f.attrs:
+        raise DumpError(f"feature dump {p} is not a readable HDF5 file (truncated or corrupted?): {err}; "
+                        "delete it and rerun its job") from err
+    if require_complete and (not f.attrs.get("complete", False) or "format_version" not in f.attrs):
         f.close()
-        raise DumpError(f"feature dump {p} is incomplete or not an ncpipe dump (no 'complete' flag); rerun its job")
+        raise DumpError(f"feature dump {p} is incomplete or not an ncpipe dump (no 'complete' flag); "
+                        "rerun its job")
+    version = f.attrs.get("format_version")
+    if version is not None:
+        version = version.decode() if isinstance(version, bytes) else str(version)
+        try:
+            major = int(version.split(".")[0])
+        except ValueError:
+            major = -1
+        if major != SUPPORTED_MAJOR:
+            f.close()
+            raise DumpError(f"feature dump {p} has format_version {version}; this ncpipe reads "
+                            f"{SUPPORTED_MAJOR}.x (see docs/hdf5-format.md)")
     return f
 
 
@@ -104,12 +144,15 @@ def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:
 
 def load_features(path: str | os.PathLike, split: str, perturbation: str
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """``(features, labels, predictions, attrs)`` of one group; attrs merge the root's and the group's."""
+    """``(features, labels, predictions, attrs)`` of one group; attrs merge the root's and the group's.
+
+    Features keep their stored dtype (float32, or float16 when written so): cast before doing algebra in them;
+    ``ncpipe.metrics`` computes in float64 whatever it receives.
+    """
     with open_dump(path) as f:
         key = f"{split}/{perturbation}"
         if key not in f:
-            groups = [f"{s}/{k}" for s in f if s != "classifier" for k in f[s]]
-            raise DumpError(f"{path} has no group {key!r}; it holds {groups}")
+            raise DumpError(f"{path} has no group {key!r}; it holds {[f'{s}/{k}' for s, k in group_keys(f)]}")
         g = f[key]
         attrs = {**attrs_dict(f), **attrs_dict(g)}
         if "targets" in g:
@@ -122,6 +165,133 @@ def load_classifier(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         return f["classifier/weight"][:], f["classifier/bias"][:]
 
 
+def kind_sort_key(kind: str) -> tuple[int, str]:
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
+
+
+def group_keys(f: h5py.File) -> list[tuple[str, str]]:
+    return [(s, k) for s in SPLITS if s in f for k in sorted(f[s], key=kind_sort_key)]
+
+
 def groups(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(split, perturbation)`` of every group, splits train then test, kinds in ``KIND_ORDER``."""
     with open_dump(path) as f:
-        return [(s, k) for s in f if s in ("train", "test") for k in f[s]]
+        return group_keys(f)
+
+
+# ------------------------------------------------------------------------------------------ tabular / xarray
+def samples_frame(path: str | os.PathLike) -> pd.DataFrame:
+    """Per-sample metadata, one row per sample per group (no features).
+
+    Columns: ``split``, ``perturbation`` (categoricals), ``index`` (row within the split: the same image in
+    every group of that split), ``label``, ``prediction``, ``target`` (nullable Int64: ``<NA>`` outside
+    targeted groups) and ``correct`` (prediction == label).
+    """
+    import pandas as pd
+
+    parts = []
+    with open_dump(path) as f:
+        keys = group_keys(f)
+        for split, kind in keys:
+            g = f[f"{split}/{kind}"]
+            lab, pred = g["labels"][:], g["predictions"][:]
+            tgt = pd.array(g["targets"][:], dtype="Int64") if "targets" in g else pd.array([pd.NA] * len(lab),
+                                                                                             dtype="Int64")
+            parts.append(pd.DataFrame({"split": split, "perturbation": kind, "index": np.arange(len(lab)),
+                                       "label": lab, "prediction": pred, "target": tgt,
+                                       "correct": pred == lab}))
+    cols = ["split", "perturbation", "index", "label", "prediction", "target", "correct"]
+    if not parts:
+        return pd.DataFrame({c: [] for c in cols})
+    df = pd.concat(parts, ignore_index=True)
+    df["split"] = pd.Categorical(df["split"], categories=[s for s in SPLITS if s in set(df["split"])])
+    kinds = sorted({k for _, k in keys}, key=kind_sort_key)
+    df["perturbation"] = pd.Categorical(df["perturbation"], categories=kinds)
+    return df[cols]
+
+
+def _xarray() -> Any:
+    try:
+        import xarray as xr
+    except ImportError as err:
+        raise ImportError("ncpipe.io.to_xarray needs the optional dependency xarray: "
+                          "pip install 'ncpipe[test]' (or pip install xarray)") from err
+    return xr
+
+
+def to_xarray(path: str | os.PathLike, split: str | None = None) -> xr.Dataset:
+    """The dump (or one ``split`` of it) as an in-memory ``xarray.Dataset`` with named dimensions.
+
+    Dimensions: ``perturbation`` (clean, pgd, ...), ``sample``, ``feature`` and ``class``.  With ``split``
+    given, ``sample`` is the row index within that split.  Without, both splits are stacked along ``sample``,
+    indexed by a pandas MultiIndex of ``split`` and ``index`` (``ds.sel(split="test")`` selects one split;
+    xarray then names the remaining dimension ``index``).
+    Variables: ``features(perturbation, sample, feature)`` in the stored dtype, ``predictions(perturbation,
+    sample)``, ``labels(sample)``, ``targets(sample)`` (only when a targeted group exists; -1 where a split
+    has none), ``classifier_weight(class, feature)`` and ``classifier_bias(class)``.  A split that lacks a
+    perturbation has NaN features and -1 predictions there.
+    Root attributes become ``ds.attrs``; each group's attributes are in ``ds.attrs["groups"]`` (JSON).
+    Call ``ds.reset_index("sample")`` before ``to_netcdf``: netCDF cannot store a MultiIndex.
+    """
+    xr = _xarray()
+    import pandas as pd
+
+    with open_dump(path) as f:
+        keys = group_keys(f)
+        if not keys:
+            raise DumpError(f"{path} holds no /{{split}}/{{kind}} groups")
+        splits = [s for s in SPLITS if any(s == k[0] for k in keys)]
+        if split is not None:
+            if split not in splits:
+                raise DumpError(f"{path} has no split {split!r}; it holds {splits}")
+            splits, keys = [split], [k for k in keys if k[0] == split]
+        kinds = sorted({k for _, k in keys}, key=kind_sort_key)
+        first = {s: f[f"{s}/{next(k for s2, k in keys if s2 == s)}"] for s in splits}
+        sizes = [len(first[s]["labels"]) for s in splits]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        dim = first[splits[0]]["features"].shape[1]
+        dtype = first[splits[0]]["features"].dtype
+        feats = np.full((len(kinds), offsets[-1], dim), np.nan, dtype=dtype)
+        preds = np.full((len(kinds), offsets[-1]), -1, dtype=np.int64)
+        labels = np.empty(offsets[-1], dtype=np.int64)
+        targets = np.full(offsets[-1], -1, dtype=np.int64)
+        group_attrs = {}
+        for si, s in enumerate(splits):
+            a, b = int(offsets[si]), int(offsets[si + 1])
+            labels[a:b] = first[s]["labels"][:]
+            for ki, k in enumerate(kinds):
+                if f"{s}/{k}" not in f:
+                    continue
+                g = f[f"{s}/{k}"]
+                if g["features"].shape != (b - a, dim) or not np.array_equal(g["labels"][:], labels[a:b]):
+                    raise DumpError(f"{path}: group {s}/{k} is not row-aligned with {first[s].name} "
+                                    "(different shape or labels); read it with load_features instead")
+                g["features"].read_direct(feats, dest_sel=np.s_[ki, a:b])
+                preds[ki, a:b] = g["predictions"][:]
+                if "targets" in g:
+                    targets[a:b] = g["targets"][:]
+                group_attrs[f"{s}/{k}"] = attrs_dict(g)
+        weight, bias = f["classifier/weight"][:], f["classifier/bias"][:]
+        root = attrs_dict(f)
+    if split is None:
+        split_of = np.repeat(np.array(splits, dtype=object), sizes)
+        index = np.concatenate([np.arange(n) for n in sizes])
+        sample = xr.Coordinates.from_pandas_multiindex(
+            pd.MultiIndex.from_arrays([split_of, index], names=["split", "index"]), "sample")
+    else:
+        sample = xr.Coordinates({"sample": np.arange(sizes[0])})
+    data_vars: dict[str, Any] = {
+        "features": (("perturbation", "sample", "feature"), feats),
+        "predictions": (("perturbation", "sample"), preds),
+        "labels": ("sample", labels),
+        "classifier_weight": (("class", "feature"), weight),
+        "classifier_bias": ("class", bias),
+    }
+    if any(k == "targeted" for _, k in keys):
+        data_vars["targets"] = ("sample", targets)
+    ds = xr.Dataset(data_vars, coords=sample).assign_coords(
+        {"perturbation": kinds, "feature": np.arange(dim), "class": np.arange(len(bias))})
+    ds.attrs = {**root, "groups": json.dumps(group_attrs, sort_keys=True)}
+    if split is not None:
+        ds.attrs["split"] = split
+    return ds

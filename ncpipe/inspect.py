@@ -1,0 +1,305 @@
+"""``ncpipe inspect``: a readable (or ``--json``) summary of a feature dump; ``--verify`` checks provenance.
+
+Two file kinds are recognised by their layout (docs/hdf5-format.md): the per-cell feature dump
+(``/{split}/{kind}/...`` plus ``/classifier``) and the layerwise file (``/layers/{layer}/{kind}/...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .io import DumpError, attrs_dict, group_keys, kind_sort_key, open_dump
+
+# Root attributes shown in the provenance block, in this order (the rest follow alphabetically).
+PROVENANCE = ("format_version", "complete", "dataset", "arch", "width", "method", "training_adversary",
+              "seed", "epoch", "num_classes", "feature_layer", "norm", "epsilon_255", "epsilon", "step",
+              "steps", "restarts", "checkpoint", "checkpoint_sha256", "created_utc", "ncpipe_version",
+              "torch_version")
+# Relative row-norm error allowed by --verify.  Any change of weights moves features by O(1); these bounds
+# only absorb float16 storage rounding, TF32 convolutions on GPUs, and bf16 autocast (runtime.amp).
+MAX_CLASS_COLUMNS = 20
+VERIFY_TOL = {"float32": 5e-3, "float16": 5e-3, "amp": 5e-2}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+def _root_attrs(f: h5py.File) -> dict[str, Any]:
+    a = attrs_dict(f)
+    for k in ("config", "training_adversary"):
+        if isinstance(a.get(k), str) and a[k][:1] in "{[":
+            a[k] = json.loads(a[k])
+    return a
+
+
+def _dataset_info(d: h5py.Dataset) -> dict[str, Any]:
+    return {"shape": list(d.shape), "dtype": str(d.dtype), "chunks": list(d.chunks) if d.chunks else None,
+            "compression": d.compression, "compression_opts": d.compression_opts, "shuffle": bool(d.shuffle),
+            "stored_bytes": int(d.id.get_storage_size())}
+
+
+def _counts(x: np.ndarray, c: int) -> list[int]:
+    return np.bincount(x, minlength=c).tolist() if len(x) else [0] * c
+
+
+def file_kind(f: h5py.File) -> str:
+    if "layers" in f:
+        return "layerwise"
+    if "classifier" in f or any(s in f for s in ("train", "test")):
+        return "features"
+    return "unknown"
+
+
+def summarize(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything ``inspect`` prints, as a JSON-able dict (``ncpipe inspect --json``)."""
+    p = Path(path)
+    # The layerwise file may come without the 'complete' flag; it is reported rather than refused.
+    with open_dump(p, require_complete=False) as f:
+        kind = file_kind(f)
+        root = _root_attrs(f)
+        if kind == "features" and not root.get("complete", False):
+            raise DumpError(f"feature dump {p} is incomplete (no 'complete' attribute); rerun its job")
+        if kind == "unknown":
+            raise DumpError(f"{p} is an HDF5 file but neither an ncpipe feature dump nor a layerwise file "
+                            f"(top-level members: {list(f)})")
+        out: dict[str, Any] = {"file": str(p), "file_bytes": p.stat().st_size, "kind": kind, "attrs": root}
+        c = int(root.get("num_classes", 0))
+        if kind == "features":
+            out["classifier"] = {n: _dataset_info(f[f"classifier/{n}"]) for n in ("weight", "bias")
+                                 if f"classifier/{n}" in f}
+            if not c and "classifier/bias" in f:
+                c = int(f["classifier/bias"].shape[0])
+            out["groups"] = [_feature_group(f, s, k, c) for s, k in group_keys(f)]
+        else:
+            out["groups"] = _layer_groups(f, c)
+    return _jsonable(out)
+
+
+def _feature_group(f: h5py.File, split: str, kind: str, c: int) -> dict[str, Any]:
+    g = f[f"{split}/{kind}"]
+    lab, pred = g["labels"][:], g["predictions"][:]
+    c = max(c, int(lab.max(initial=-1)) + 1, int(pred.max(initial=-1)) + 1)
+    return {"path": g.name, "split": split, "perturbation": kind, "num_samples": len(lab),
+            "feature_dim": int(g["features"].shape[1]) if g["features"].ndim == 2 else None,
+            "accuracy": float((pred == lab).mean()) if len(lab) else None,
+            "class_counts": _counts(lab, c), "prediction_counts": _counts(pred, c),
+            "datasets": {n: _dataset_info(g[n]) for n in g}, "attrs": attrs_dict(g)}
+
+
+def _layer_groups(f: h5py.File, c: int) -> list[dict[str, Any]]:
+    rows = []
+    for layer in f["layers"]:
+        for kind in sorted(f[f"layers/{layer}"], key=kind_sort_key):
+            g = f[f"layers/{layer}/{kind}"]
+            a = attrs_dict(g)
+            la = attrs_dict(f[f"layers/{layer}"])
+            lab = g["labels"][:] if "labels" in g else np.zeros(0, dtype=np.int64)
+            cc = max(c, int(lab.max(initial=-1)) + 1)
+            rows.append({"path": g.name, "layer": a.get("layer", la.get("layer", layer)),
+                         "layer_index": a.get("layer_index", la.get("layer_index")), "perturbation": kind,
+                         "original_shape": a.get("original_shape", la.get("original_shape")),
+                         "num_samples": len(lab), "class_counts": _counts(lab, cc),
+                         "datasets": {n: _dataset_info(g[n]) for n in g}, "attrs": a})
+    # shallow to deep when the writer recorded layer_index, else by name
+    rows.sort(key=lambda r: (r["layer_index"] if isinstance(r["layer_index"], int) else 1 << 30, r["layer"],
+                             kind_sort_key(r["perturbation"])))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- text output
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _filters(d: dict[str, Any]) -> str:
+    if not d["compression"]:
+        return "none"
+    opts = f"({d['compression_opts']})" if d["compression_opts"] is not None else ""
+    return ("shuffle+" if d["shuffle"] else "") + d["compression"] + opts
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    return ["  " + "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human-readable form of :func:`summarize`'s dict."""
+    a = s["attrs"]
+    lines = [f"{s['file']}  ({_fmt_bytes(s['file_bytes'])}, ncpipe {s['kind']} file, "
+             f"format_version {a.get('format_version', '?')}, "
+             f"{'complete' if a.get('complete') else 'NOT marked complete'})", "", "provenance:"]
+    shown = [k for k in PROVENANCE if k in a] + sorted(k for k in a if k not in PROVENANCE and k != "config")
+    width = max((len(k) for k in shown), default=0)
+    for k in shown:
+        lines.append(f"  {k.ljust(width)}  {json.dumps(a[k]) if isinstance(a[k], dict | list) else a[k]}")
+    if isinstance(a.get("config"), dict):
+        lines.append(f"  {'config'.ljust(width)}  {json.dumps(a['config'], sort_keys=True)}")
+    if s["kind"] == "features":
+        cls = s.get("classifier", {})
+        lines += ["", "classifier:"]
+        lines += _table(["dataset", "shape", "dtype"], [[f"/classifier/{n}", "x".join(map(str, d["shape"])),
+                                                         d["dtype"]] for n, d in cls.items()])
+        lines += ["", "groups:"]
+        rows = []
+        for g in s["groups"]:
+            d = g["datasets"]["features"]
+            acc = "-" if g["accuracy"] is None else f"{g['accuracy']:.4f}"
+            rows.append([g["path"], str(g["num_samples"]), str(g["feature_dim"]), d["dtype"],
+                         "x".join(map(str, d["chunks"])) if d["chunks"] else "contiguous", _filters(d),
+                         _fmt_bytes(d["stored_bytes"]), acc,
+                         " ".join(sorted(set(g["datasets"]) - {"features"}))])
+        lines += _table(["group", "N", "D", "dtype", "chunks", "filters", "stored", "accuracy", "also"], rows)
+        c = len(s["groups"][0]["class_counts"]) if s["groups"] else 0
+        if c <= MAX_CLASS_COLUMNS:
+            lines += ["", "class counts (true labels | network predictions):"]
+            rows = [[g["path"], *map(str, g["class_counts"]), "|", *map(str, g["prediction_counts"])]
+                    for g in s["groups"]]
+            lines += _table(["group", *map(str, range(c)), "|", *map(str, range(c))], rows)
+        else:  # e.g. CIFAR-100: per-class columns would not fit a terminal
+            lines += ["", f"class counts over {c} classes (min / max; --json has every count):"]
+            rows = [[g["path"], f"{min(g['class_counts'])} / {max(g['class_counts'])}",
+                     f"{min(g['prediction_counts'])} / {max(g['prediction_counts'])}",
+                     str(sum(x > 0 for x in g["prediction_counts"]))] for g in s["groups"]]
+            lines += _table(["group", "labels", "predictions", "classes predicted"], rows)
+    else:
+        lines += ["", "layers (shallow to deep):"]
+        rows = []
+        for g in s["groups"]:
+            d = g["datasets"].get("features", {"shape": [], "dtype": "?"})
+            rows.append([g["path"], str(g["layer_index"]), g["perturbation"], "x".join(map(str, d["shape"])),
+                         d["dtype"], "x".join(map(str, g["original_shape"] or [])) or "?",
+                         " ".join(map(str, g["class_counts"]))])
+        header = ["group", "index", "perturbation", "shape", "dtype", "original shape", "class counts"]
+        lines += _table(header, rows)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, rows: int = 8,
+                data_dir: str | None = None) -> dict[str, Any]:
+    """Recompute a few clean features from the checkpoint and compare; check the checkpoint's sha256.
+
+    Returns ``{"ok": bool, "problems": [...], "checks": [...]}``; ``problems`` holds one readable sentence per
+    failure.  Only feature dumps (not layerwise files) can be verified.
+    """
+    import torch
+
+    from .data import to_float
+    from .train import load_checkpoint, load_data
+    from .utils import sha256_file
+
+    problems: list[str] = []
+    checks: list[dict[str, Any]] = []
+    with open_dump(path) as f:
+        if file_kind(f) != "features":
+            raise DumpError(f"{path}: --verify supports feature dumps only (this is a {file_kind(f)} file)")
+        root = _root_attrs(f)
+        stored = {}
+        for split in ("train", "test"):
+            if f"{split}/clean" not in f:
+                continue
+            g = f[f"{split}/clean"]
+            n = len(g["labels"])
+            idx = np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)) if n else []
+            stored[split] = (n, idx, g["features"][idx], g["labels"][idx], g["predictions"][idx],
+                             str(g["features"].dtype))
+    if not stored:
+        raise DumpError(f"{path} has no clean group to verify against")
+    ckpt_path = Path(checkpoint) if checkpoint else Path(str(root.get("checkpoint", "")))
+    if not ckpt_path.is_file():
+        problems.append(f"checkpoint {ckpt_path} (recorded in the dump's 'checkpoint' attribute) not found; "
+                        "pass --checkpoint PATH")
+        return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
+    sha = sha256_file(ckpt_path)
+    recorded = root.get("checkpoint_sha256")
+    checks.append({"check": "checkpoint_sha256", "recorded": recorded, "actual": sha, "ok": sha == recorded})
+    if sha != recorded:
+        problems.append(f"checkpoint {ckpt_path} has sha256 {sha} but the dump was made from {recorded}: the "
+                        "checkpoint changed since extraction (rerun the features job, or pass the original "
+                        "checkpoint with --checkpoint)")
+    spec = root.get("config")
+    if not isinstance(spec, dict) or "data" not in spec:
+        problems.append("the dump's 'config' attribute holds no data spec; cannot reload the images")
+        return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
+    if data_dir:
+        spec = {**spec, "data": {**spec["data"], "dir": data_dir}}
+    model, _ = load_checkpoint(ckpt_path, "cpu")
+    data = load_data(spec)
+    amp = bool(spec.get("runtime", {}).get("amp"))
+    for split, (n, idx, feats, labels, preds, dtype) in stored.items():
+        x, y = data.split(split)
+        if len(x) != n:
+            problems.append(f"{split}: the dataset now has {len(x)} images but /{split}/clean has {n} rows "
+                            "(data subset settings differ)")
+            continue
+        with torch.no_grad():
+            h, logits = model.forward_features(to_float(x[torch.as_tensor(idx)]))
+        h = h.double().numpy()
+        ref = feats.astype(np.float64)
+        err = np.linalg.norm(h - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+        tol = VERIFY_TOL["amp"] if amp else VERIFY_TOL.get(dtype, VERIFY_TOL["float32"])
+        ok_f = bool(np.all(err <= tol))
+        ok_l = bool(np.array_equal(y[torch.as_tensor(idx)].numpy(), labels))
+        checks.append({"check": f"{split}/clean features", "rows": idx.tolist(),
+                       "max_rel_error": float(err.max()), "tolerance": tol, "labels_match": ok_l,
+                       "predictions_match": int((logits.argmax(1).numpy() == preds).sum()),
+                       "ok": ok_f and ok_l})
+        if not ok_f:
+            problems.append(f"{split}/clean: features recomputed from {ckpt_path} differ from the stored "
+                            f"ones (max relative error {err.max():.3g} > {tol:g} over rows {idx.tolist()})")
+        if not ok_l:
+            problems.append(f"{split}/clean: stored labels differ from the dataset's (the data changed)")
+    return {"ok": not problems, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
+
+
+def format_verify(v: dict[str, Any]) -> str:
+    lines = ["", f"verify against {v['checkpoint']}:"]
+    for c in v["checks"]:
+        mark = "ok  " if c["ok"] else "FAIL"
+        if c["check"] == "checkpoint_sha256":
+            lines.append(f"  {mark} checkpoint sha256 {c['actual'][:16]}... "
+                         f"(recorded {str(c['recorded'])[:16]}...)")
+        else:
+            lines.append(f"  {mark} {c['check']}: rows {c['rows']}, "
+                         f"max relative error {c['max_rel_error']:.2e} (tolerance {c['tolerance']:g})")
+    lines += [f"  problem: {p}" for p in v["problems"]]
+    lines.append("  VERIFIED" if v["ok"] else "  VERIFICATION FAILED")
+    return "\n".join(lines)
+
+
+def run(path: str, *, as_json: bool = False, verify: bool = False, checkpoint: str | None = None,
+        rows: int = 8, data_dir: str | None = None) -> tuple[str, int]:
+    """The text ``ncpipe inspect`` prints and its exit status (0 fine, 1 verification failed)."""
+    s = summarize(path)
+    v = verify_dump(path, checkpoint, rows=rows, data_dir=data_dir) if verify else None
+    if as_json:
+        if v is not None:
+            s["verify"] = _jsonable(v)
+        return json.dumps(s, indent=2, sort_keys=False), 0 if v is None or v["ok"] else 1
+    text = format_summary(s)
+    if v is not None:
+        text += "\n" + format_verify(v)
+    return text, 0 if v is None or v["ok"] else 1
