@@ -4,7 +4,8 @@ The whole split sits on the device as uint8; each epoch draws a permutation from
 run resumed from its last epoch state (model, optimiser, schedule position, every RNG) ends with the same
 weights as an uninterrupted one.  Checkpoints are written under the run's ``.resume`` directory with atomic
 renames and published (hard-linked) to their declared outputs only when the whole job succeeds: Snakemake
-deletes a failed job's outputs, and the resume directory is what lets the rerun continue instead of restarting.
+deletes a failed job's outputs, and the resume directory is what lets the rerun continue instead of
+restarting.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def lr_at(t: float, epochs: int, lr: float, milestones: list[float], decay: floa
 
 
 def model_from_data(spec: dict[str, Any], data: ImageData) -> NCModel:
-    return build_model(spec["arch"], num_classes=data.num_classes, in_channels=data.in_channels, mean=data.mean,
-                       std=data.std, width=spec["width"], stem=data.stem)
+    return build_model(spec["arch"], num_classes=data.num_classes, in_channels=data.in_channels,
+                       mean=data.mean, std=data.std, width=spec["width"], stem=data.stem)
 
 
 def load_data(spec: dict[str, Any]) -> ImageData:
@@ -134,11 +135,55 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         meta = ckpt["meta"]
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged zip
-        raise RuntimeError(f"checkpoint {path} is unreadable or truncated ({err}); delete it and rerun training") from err
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable or truncated ({err}); delete it and rerun training"
+        ) from err
     model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                         mean=meta["mean"], std=meta["std"], width=meta["width"], stem=meta["stem"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def read_resume_state(resume: Path, key: str, checkpoint_epochs: list[int]) -> dict[str, Any] | None:
+    """The epoch state in ``resume`` if it can be continued, else None (the caller then starts afresh).
+
+    A state is refused when it was made by another spec (a config change must retrain from scratch), when it
+    cannot be read, or when a checkpoint it claims to have written is missing; none of these is an error, the
+    run simply restarts.  Temporary files of writes interrupted by a kill are removed here.
+    """
+    if not resume.is_dir():
+        return None
+    for tmp in resume.rglob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    state_file = resume / "state.pt"
+    if not state_file.exists():
+        return None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any damage means: start again
+        log.warning("resume state %s is unreadable (%s); training from scratch", state_file, err)
+        return None
+    if not isinstance(state, dict) or state.get("spec_hash") != key:
+        log.warning("ignoring resume state of another configuration in %s; training from scratch", resume)
+        return None
+    missing = [e for e in checkpoint_epochs if e <= state["epoch"]
+               and not (resume / "checkpoints" / f"epoch{e}.pt").exists()]
+    if missing:
+        log.warning("resume state in %s lacks checkpoints of epochs %s; training from scratch", resume,
+                    missing)
+        return None
+    return state
+
+
+def check_finite_weights(model: torch.nn.Module, cell: str, epoch: int) -> None:
+    """Refuse to checkpoint a model whose weights or BatchNorm statistics hold NaN/inf (a finite last loss
+    does not rule that out: the final optimiser step comes after it)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDivergedError(
+            f"training of {cell} diverged: non-finite values in {bad[:5]} after epoch {epoch}; "
+            "lower train.lr or check the data"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -156,7 +201,8 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
     eps, step = adv["epsilon"] / 255.0, adv["step"] / 255.0
     if method == "at":
         x_adv = attacks.pgd(model, xb, yb, norm=adv["norm"], epsilon=eps, step=step, steps=adv["steps"],
-                            eval_mode=spec.get("at_attack_mode", "train") == "eval", generator=gen, amp_dtype=amp)
+                            eval_mode=spec.get("at_attack_mode", "train") == "eval", generator=gen,
+                            amp_dtype=amp)
         with torch.autocast(**ac):
             robust_logits = model(x_adv)
             loss = F.cross_entropy(robust_logits, yb)
@@ -165,12 +211,11 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
         return {"loss": loss, "logits": logits, "robust_logits": robust_logits}
     if method == "trades":
         tr = spec["trades"]
-        loss, logits, x_adv = attacks.trades_loss(model, xb, yb, beta=tr["beta"], norm=adv["norm"], epsilon=eps,
-                                                  step=step, steps=adv["steps"], bn_quirk=tr["bn_quirk"],
-                                                  generator=gen, amp_dtype=amp)
-        with torch.no_grad(), torch.autocast(**ac):
-            robust_logits = model(x_adv)
-        return {"loss": loss, "logits": logits, "robust_logits": robust_logits}
+        out = attacks.trades_loss(model, xb, yb, beta=tr["beta"], norm=adv["norm"], epsilon=eps, step=step,
+                                  steps=adv["steps"], bn_quirk=tr["bn_quirk"], generator=gen, amp_dtype=amp)
+        # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
+        # the BN running stats once more in train mode
+        return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach()}
     raise ValueError(f"unknown training method {method!r}; known: st, at, trades")
 
 
@@ -199,17 +244,15 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
     state_file = resume / "state.pt"
     key = spec_hash(spec)
     start_epoch, rows = 0, []
-    if state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        if state.get("spec_hash") == key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"], gens)
-            start_epoch, rows = state["epoch"], state["rows"]
-            log.info("resuming %s from the end of epoch %d", cell, start_epoch)
-        else:
-            log.warning("ignoring resume state of another configuration in %s", resume)
-            shutil.rmtree(resume)
+    state = read_resume_state(resume, key, sorted(checkpoint_outputs))
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], gens)
+        start_epoch, rows = state["epoch"], state["rows"]
+        log.info("resuming %s from the end of epoch %d", cell, start_epoch)
+    elif resume.exists():
+        shutil.rmtree(resume)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if start_epoch == 0 and 0 in checkpoint_outputs:
         save_atomic(checkpoint_payload(model, spec, data, 0), ckpt_dir / "epoch0.pt")
@@ -224,7 +267,8 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
         batches = order.split(opt["batch_size"])
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
         for i, idx in enumerate(batches):
-            lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"], opt["lr_decay"])
+            lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"],
+                       opt["lr_decay"])
             for g in optimizer.param_groups:
                 g["lr"] = lr
             xb, yb = to_float(x_tr[idx]), y_tr[idx]
@@ -250,8 +294,13 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
                "robust_acc": sums["robust_correct"] / n if robust else math.nan,
                "test_acc": evaluate_accuracy(net, x_te, y_te, amp=amp), "seconds": time.time() - t0}
         rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", test=f"{row['test_acc']:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                        test=f"{row['test_acc']:.3f}")
         log.info("epoch %d %s", epoch + 1, json.dumps({k: round(v, 5) for k, v in row.items()}))
+        check_finite_weights(model, cell, epoch + 1)
+        # Order matters for a kill between the two writes: the checkpoint of epoch e is durable before the
+        # state claims epoch e done, so a resumed run never lacks a checkpoint it believes written (at worst
+        # it redoes epoch e and rewrites an identical checkpoint).
         if epoch + 1 in checkpoint_outputs:
             save_atomic(checkpoint_payload(model, spec, data, epoch + 1), ckpt_dir / f"epoch{epoch + 1}.pt")
         save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),

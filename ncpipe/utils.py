@@ -25,12 +25,12 @@ def setup_logging(logfile: str | os.PathLike | None = None, level: int = logging
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile, mode="w"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
-                        force=True)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
 
 
 def tmp_path_for(path: str | os.PathLike) -> Path:
-    """A sibling temporary name: same file system (so rename is atomic) and never matched as a finished output."""
+    """A sibling temporary name: same file system (atomic rename), never matched as a finished output."""
     p = Path(path)
     return p.with_name(f".{p.name}.tmp-{os.getpid()}")
 
@@ -39,8 +39,8 @@ def tmp_path_for(path: str | os.PathLike) -> Path:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success fsync and rename it onto ``path``, on failure remove it.
 
-    A job killed mid-write therefore leaves at most a dot-prefixed temporary file, never a truncated file under
-    the final name that a later run could take for a finished one.
+    A job killed mid-write therefore leaves at most a dot-prefixed temporary file, never a truncated file
+    under the final name that a later run could take for a finished one.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +50,24 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable across a node crash; some network file systems refuse this, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -79,7 +94,9 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device 'cuda' but no CUDA device is visible; use device: auto or cpu")
+        raise RuntimeError(
+            "config asks for device 'cuda' but no CUDA device is visible; use device: auto or cpu"
+        )
     return dev
 
 
