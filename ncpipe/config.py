@@ -1,13 +1,14 @@
 """Config loading and validation against ``workflow/schemas/config.schema.yaml`` (the single schema).
 
 The workflow validates with Snakemake's ``validate`` (which also fills defaults); this module re-runs the same
-schema with jsonschema to turn a failure into one line that names the offending key and the allowed values, and
-adds the checks a JSON schema cannot express (checkpoint epochs within the run, ...).
+schema with jsonschema to turn a failure into one line that names the offending key and the allowed values,
+and adds the checks a JSON schema cannot express (checkpoint epochs within the run, finite numbers, ...).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ def _describe(err: jsonschema.ValidationError) -> str:
         extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
         where = f"under '{key}'" if err.absolute_path else "at the top level"
         return f"config key(s) {extra} unknown {where}; allowed keys: {allowed}"
-    if v == "required":
-        return f"config key '{key}': {err.message}"
+    if v == "required" and isinstance(err.instance, dict):
+        missing = [k for k in err.validator_value if k not in err.instance]
+        names = [f"{key}.{k}" if err.absolute_path else k for k in missing]
+        return f"config key(s) {names} missing: required, and they have no default"
     if v == "type":
         return f"config key '{key}': {err.instance!r} has the wrong type; expected {err.validator_value}"
     return f"config key '{key}': {err.message}"
@@ -77,7 +80,21 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _non_finite(instance: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[Any, ...]]:
+    """Paths of NaN/inf numbers: YAML's .nan and .inf pass every minimum/maximum check of a JSON schema."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        yield path
+    elif isinstance(instance, dict):
+        for k, v in instance.items():
+            yield from _non_finite(v, (*path, k))
+    elif isinstance(instance, list):
+        for i, v in enumerate(instance):
+            yield from _non_finite(v, (*path, i))
+
+
 def _semantic_checks(config: dict[str, Any]) -> None:
+    for path in _non_finite(config):
+        raise ConfigError(f"config key '{_key(path)}': must be a finite number, got {_get(config, path)}")
     tr = config["train"]
     bad = [e for e in tr["checkpoints"] if e > tr["epochs"]]
     if bad:
@@ -87,8 +104,8 @@ def _semantic_checks(config: dict[str, Any]) -> None:
         )
     if tr["epochs"] not in tr["checkpoints"]:
         raise ConfigError(
-            f"config key 'train.checkpoints': must include the last epoch ({tr['epochs']}), which the layerwise "
-            "analysis and the final-model tables read"
+            f"config key 'train.checkpoints': must include the last epoch ({tr['epochs']}), which the "
+            "layerwise analysis and the final-model tables read"
         )
     if sorted(tr["lr_milestones"]) != list(tr["lr_milestones"]):
         raise ConfigError(f"config key 'train.lr_milestones': must be increasing, got {tr['lr_milestones']}")
@@ -97,7 +114,15 @@ def _semantic_checks(config: dict[str, Any]) -> None:
             n = config["data"].get(key)
             limit = 400 if key == "train_per_class" else 100
             if n is not None and n > limit:
-                raise ConfigError(f"config key 'data.{key}': mnist5k has {limit} per class in that split, got {n}")
+                raise ConfigError(
+                    f"config key 'data.{key}': mnist5k has {limit} per class in that split, got {n}"
+                )
+
+
+def _get(config: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        config = config[p]
+    return config
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
