@@ -74,7 +74,8 @@ def chunk_rows(dim: int, itemsize: int) -> int:
 def write_matrix(group: h5py.Group, name: str, data: np.ndarray, *, dtype: str = "float32",
                  compression: str | None = "gzip") -> h5py.Dataset:
     src = np.asarray(data)
-    data = src.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow is detected and reported just below
+        data = src.astype(dtype, copy=False)
     if data.dtype.kind == "f" and src.dtype.kind == "f" and data.dtype.itemsize < src.dtype.itemsize:
         # float16 tops out at 65504: a silent inf would poison every metric downstream
         bad = ~np.isfinite(data) & np.isfinite(src)
