@@ -60,6 +60,8 @@ def _tensor(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
 
 
 def _features64(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x, dtype=np.float64)  # numpy's cast is ~3x faster than torch's .to(float64) on CPU
     t = _tensor(x, device).detach()
     if t.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(t.shape)}")
@@ -77,6 +79,22 @@ def _labels(y: ArrayLike, n: int, num_classes: int, device: torch.device) -> tor
     if n and (int(t.min()) < 0 or int(t.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(t.min())}, {int(t.max())}]")
     return t
+
+
+def _as_array(x: ArrayLike) -> ArrayLike:
+    """Torch tensors stay; anything else becomes a numpy array (its chunks are then cast by numpy: faster)."""
+    return x if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _device_of(x: ArrayLike) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; on CPU through numpy's BLAS (zero-copy views): measured ~2x faster there than torch's (f64)."""
+    if a.device.type == "cpu" and b.device.type == "cpu":
+        return torch.from_numpy(a.numpy() @ b.numpy())
+    return a @ b
 
 
 def _chunk_rows(dim: int) -> int:
@@ -149,7 +167,7 @@ def class_means(features: ArrayLike, labels: ArrayLike, num_classes: int) -> tup
 # ------------------------------------------------------------------------------------------------------- NCC
 def _ncc_argmin(x64: torch.Tensor, means: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     # ||h - mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2; ||h||^2 does not change the argmin.
-    return torch.argmin(sq_norms[None, :] - 2.0 * (x64 @ means.T), dim=1)
+    return torch.argmin(sq_norms[None, :] - 2.0 * _mm(x64, means.T), dim=1)
 
 
 class _NCCRule:
@@ -172,10 +190,10 @@ class _NCCRule:
 
 def ncc_predict(features: ArrayLike, means: ArrayLike) -> np.ndarray:
     """Nearest-class-centre labels (int64) of ``features`` (N, D) to ``means`` (C, D); NaN rows skipped."""
-    feats = _tensor(features)
+    feats = _as_array(features)
     if feats.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
-    rule = _NCCRule(means, feats.device)
+    rule = _NCCRule(means, _device_of(feats))
     if rule.means.shape[1] != feats.shape[1]:
         raise ValueError(f"means have dimension {rule.means.shape[1]}, features {feats.shape[1]}")
     out = [rule.predict64(_features64(feats[i : i + _chunk_rows(feats.shape[1])]))
@@ -232,11 +250,18 @@ class ClassStats:
         self._present: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None  # D x r, orthonormal columns (right singular vectors of Mt)
         self._sv: torch.Tensor | None = None  # r singular values of Mt
-        self._ncc: _NCCRule | None = None
         # pass 2
         self._proj_sq: torch.Tensor | None = None
         self._counts2: torch.Tensor | None = None
         self._ncc_correct = 0
+        self._means_basis: torch.Tensor | None = None
+        self._classes: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
+        self._centred_basis: torch.Tensor | None = None
+        self._centred_sq: torch.Tensor | None = None
+        self._global_basis: torch.Tensor | None = None
+        self._rhs: torch.Tensor | None = None
+        self._rhs_extra: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ pass 1
     def update(self, features: ArrayLike, labels: ArrayLike) -> None:
@@ -292,31 +317,52 @@ class ClassStats:
         means = self._means_tensor()
         global_mean = self._sums.sum(dim=0) / self.num_samples  # count-weighted mu_G
         centred = means[present] - global_mean
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        # LAPACK via numpy: torch's CPU SVD is erratically slow with several threads; the matrix is only C x D
+        _, s, vh = np.linalg.svd(centred.cpu().numpy(), full_matrices=False)
+        basis = torch.from_numpy(np.ascontiguousarray(vh.T)).to(self.device)  # D x r, r = min(C, D)
+        s = torch.from_numpy(s).to(self.device)
         self._means_t, self._present = means, present
-        self._basis, self._sv = vh.T.contiguous(), s
-        self._ncc = _NCCRule(means, self.device)
+        self._classes = torch.nonzero(present).reshape(-1)
+        self._basis, self._sv, self._keep = basis, s, pinv_keep(s, centred.shape[1])
+        # absent classes have NaN rows here; pass 2 only indexes them if the data differ (_check_pass2 raises)
+        self._means_basis = means @ basis
+        # NCC from the projections: ||h - mu_c||^2 = ||h - mu_G||^2 - 2 <h - mu_G, mt_c> + ||mt_c||^2, and
+        # every centred mean mt_c lies in span(basis), so <h - mu_G, mt_c> = <B^T h - B^T mu_G, B^T mt_c>.
+        self._centred_basis = centred @ basis  # C_present x r
+        self._centred_sq = (self._centred_basis**2).sum(dim=1)
+        self._global_basis = global_mean @ basis
         self._proj_sq = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
+        self._rhs, self._rhs_extra = None, None
         self._counts2 = torch.zeros_like(self._counts)
         self._frozen = True
 
     # ------------------------------------------------------------------ pass 2
-    def _within64(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _within64(self, x: torch.Tensor, y: torch.Tensor,
+                  extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pass 2 on a float64 chunk; returns the NCC predictions and ``x @ extra.T`` (e.g. the logits)."""
         self.freeze()
-        z = x - self._means_t[y]
-        q = z @ self._basis
+        if self._rhs is None or self._rhs_extra is not extra:
+            # one matmul gives the projections (hence NC1 and the NCC scores) and the extra product
+            parts = [self._basis] + ([extra.T] if extra is not None else [])
+            self._rhs, self._rhs_extra = torch.cat(parts, dim=1).contiguous(), extra
+        r = self._basis.shape[1]
+        prod = _mm(x, self._rhs)
+        p = prod[:, :r]
+        # <z_i, v> = <h_i, v> - <mu_{y_i}, v>: cancellation costs eps * |h| / |z| relative, harmless
+        q = p - self._means_basis[y]
         self._proj_sq += (q * q).sum(dim=0)
         self._counts2 += torch.bincount(y, minlength=self.num_classes)
-        pred = self._ncc.predict64(x)
+        scores = self._centred_sq[None, :] - 2.0 * _mm(p - self._global_basis, self._centred_basis.T)
+        pred = self._classes[torch.argmin(scores, dim=1)]
         self._ncc_correct += int((pred == y).sum())
-        return pred
+        return pred, (prod[:, r:] if extra is not None else None)
 
     def update_within(self, features: ArrayLike, labels: ArrayLike) -> np.ndarray:
         """Pass-2 update; returns the NCC predictions (own means) of the chunk."""
         self.freeze()
         x = _features64(features, self.device)
         y = _labels(labels, x.shape[0], self.num_classes, self.device)
-        return self._within64(x, y).cpu().numpy()
+        return self._within64(x, y)[0].cpu().numpy()
 
     def _check_pass2(self) -> None:
         if not self._frozen or self._counts2 is None:
@@ -329,10 +375,10 @@ class ClassStats:
         """``nc1`` = Tr(Sigma_W Sigma_B^+) and ``nc1_over_c`` = nc1 / C, C = number of classes present."""
         self._check_pass2()
         c = int(self._present.sum())
-        keep = pinv_keep(self._sv, self.dim)
-        if not bool(keep.any()):  # all class means coincide: Sigma_B = 0, NC1 undefined
+        if not bool(self._keep.any()):  # all class means coincide: Sigma_B = 0, NC1 undefined
             return {"nc1": float("nan"), "nc1_over_c": float("nan")}
-        val = float((self._proj_sq[keep] / self._sv[keep] ** 2).sum()) * c / self.num_samples
+        k = self._keep
+        val = float((self._proj_sq[k] / self._sv[k] ** 2).sum()) * c / self.num_samples
         return {"nc1": val, "nc1_over_c": val / c}
 
     def centred_means(self) -> np.ndarray:
@@ -370,23 +416,24 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     ``num_classes`` defaults to ``weight.shape[0]`` or ``max(labels) + 1``. Classes absent from ``labels`` are
     left out (module docstring); fewer than two present raises ``ValueError``.
     """
-    feats = _tensor(features)
+    feats = _as_array(features)
     if feats.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
     n, d = feats.shape
+    dev = _device_of(feats)
     if n == 0:
         raise ValueError("no samples")
     c = _num_classes(labels, weight, num_classes)
     w = b = None
     if weight is not None:
-        w = _tensor(weight).detach().to(device=feats.device, dtype=torch.float64)
+        w = _tensor(weight).detach().to(device=dev, dtype=torch.float64)
         if tuple(w.shape) != (c, d):
             raise ValueError(f"weight has shape {tuple(w.shape)}, expected ({c}, {d})")
-        b = (torch.zeros(c, dtype=torch.float64, device=feats.device) if bias is None
-             else _tensor(bias).detach().to(device=feats.device, dtype=torch.float64).reshape(-1))
+        b = (torch.zeros(c, dtype=torch.float64, device=dev) if bias is None
+             else _tensor(bias).detach().to(device=dev, dtype=torch.float64).reshape(-1))
         if b.shape[0] != c:
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
-    lab = _tensor(labels)
+    lab = _as_array(labels)
 
     stats = ClassStats(c)
     for xs, ys in _row_chunks(feats, lab):
@@ -396,9 +443,9 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     for xs, ys in _row_chunks(feats, lab):
         x = _features64(xs, stats.device)
         y = _labels(ys, x.shape[0], c, stats.device)
-        ncc = stats._within64(x, y)
+        ncc, logits = stats._within64(x, y, w)
         if w is not None:
-            net = torch.argmax(x @ w.T + b, dim=1)
+            net = torch.argmax(logits + b, dim=1)
             agree += int((net == ncc).sum())
             correct += int((net == y).sum())
 
