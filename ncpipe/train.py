@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import attacks
 from .data import ImageData, load_dataset, to_float
 from .models import NCModel, build_model
-from .utils import atomic_output, link_or_copy, pick_device, seed_everything, spec_hash
+from .utils import atomic_output, link_or_copy, pick_device, seed_everything, spec_hash, state_digest
 
 log = logging.getLogger("ncpipe.train")
 
@@ -37,6 +37,10 @@ LOG_COLUMNS = ["epoch", "lr", "loss", "train_acc", "robust_loss", "robust_acc", 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message names the run and the epoch."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint is truncated, unreadable, not an ncpipe checkpoint, or its bytes were damaged."""
 
 
 # ------------------------------------------------------------------------------------------- building blocks
@@ -125,8 +129,22 @@ def checkpoint_payload(model: NCModel, spec: dict[str, Any], data: ImageData, ep
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save under a temporary name, then rename; a payload with a ``model`` state dict gets its digest
+    (``model_sha256``), which ``load_checkpoint`` and the resume logic check."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = {**obj, "model_sha256": state_digest(obj["model"])}
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
+
+
+def verify_digest(payload: dict[str, Any], path: str | Path) -> None:
+    """Raise ``CorruptCheckpointError`` when the tensors no longer match the digest written with them."""
+    recorded = payload.get("model_sha256")
+    if recorded is not None and state_digest(payload["model"]) != recorded:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupted: its tensors do not match the sha256 recorded when it was "
+            "written; delete it and rerun training"
+        )
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[NCModel, dict[str, Any]]:
@@ -135,9 +153,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         meta = ckpt["meta"]
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged zip
-        raise RuntimeError(
-            f"checkpoint {path} is unreadable or truncated ({err}); delete it and rerun training"
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}); "
+            "delete it and rerun training"
         ) from err
+    verify_digest(ckpt, path)
     model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                         mean=meta["mean"], std=meta["std"], width=meta["width"], stem=meta["stem"])
     model.load_state_dict(ckpt["model"])
@@ -165,6 +185,11 @@ def read_resume_state(resume: Path, key: str, checkpoint_epochs: list[int]) -> d
         return None
     if not isinstance(state, dict) or state.get("spec_hash") != key:
         log.warning("ignoring resume state of another configuration in %s; training from scratch", resume)
+        return None
+    try:
+        verify_digest(state, state_file)
+    except CorruptCheckpointError as err:
+        log.warning("%s; training from scratch", err)
         return None
     missing = [e for e in checkpoint_epochs if e <= state["epoch"]
                and not (resume / "checkpoints" / f"epoch{e}.pt").exists()]

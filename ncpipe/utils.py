@@ -78,6 +78,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of a state dict.
+
+    Stored inside checkpoints at write time: torch.load happily returns tensors whose bytes were damaged on
+    disk (it checks no CRC), so a flipped bit would otherwise reach the features silently.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
     """Stable short hash of a JSON-able spec (used to refuse resuming from a state made by another config)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

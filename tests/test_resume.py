@@ -193,14 +193,19 @@ def test_config_change_invalidates_resume_state(tmp_path, caplog):
     assert torch.load(outs[EPOCHS], weights_only=False)["spec"]["optim"]["lr"] == 0.05
 
 
-@pytest.mark.parametrize("damage", ["truncated_state", "missing_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated_state", "flipped_state_bytes", "missing_checkpoint"])
 def test_damaged_resume_state_restarts_from_scratch(tmp_path, reference, caplog, damage):
     spec = make_spec()
     resume = tmp_path / ".resume"
     train(tmp_path, spec, stop_after_epoch=3)
+    data = (resume / "state.pt").read_bytes()
     if damage == "truncated_state":
-        data = (resume / "state.pt").read_bytes()
         (resume / "state.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "flipped_state_bytes":  # torch.load accepts it; only the stored digest notices
+        w = torch.load(resume / "state.pt", weights_only=False)["model"]["linear.weight"].numpy().tobytes()
+        at = data.find(w)
+        assert at > 0
+        (resume / "state.pt").write_bytes(data[:at] + b"\x7f" * 8 + data[at + 8:])
     else:
         (resume / "checkpoints" / "epoch2.pt").unlink()
     with caplog.at_level(logging.WARNING, logger="ncpipe.train"):
