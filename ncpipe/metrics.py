@@ -42,6 +42,8 @@ ArrayLike = Any  # numpy array or torch tensor
 
 # Rows per chunk are chosen so that one float64 chunk holds about this many elements (32 MiB).
 _CHUNK_ELEMENTS = 1 << 22
+# In-memory inputs up to this many elements (256 MiB as float64) are cast once instead of once per pass.
+_CAST_ONCE_ELEMENTS = 1 << 25
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -434,6 +436,8 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         if b.shape[0] != c:
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
     lab = _as_array(labels)
+    if n * d <= _CAST_ONCE_ELEMENTS:
+        feats = _features64(feats)
 
     stats = ClassStats(c)
     for xs, ys in _row_chunks(feats, lab):
