@@ -3,11 +3,13 @@
 Every function works in pixel space: ``x`` is a float batch in [0, 1] (the models normalise internally), and
 ``epsilon`` / ``step`` / ``sigma`` are in pixel units (the paper's l_inf threat is 8/255 with steps of 2/255
 and 10 iterations; its l_2 threat is 128/255).  All attacks are batched, take gradients with respect to the
-input only (``torch.autograd.grad``, so no parameter ``.grad`` is ever touched), and run on ``x``'s device.
+input only (``torch.autograd.grad``, so no parameter ``.grad`` is ever touched), and run on the model's
+device.
 
-Guarantee: every perturbation returned by :func:`pgd`, :func:`trades_attack` and :func:`random_sign` lies in
-its ball and keeps the input in [0, 1] *exactly* in float32 (checked element/sample-wise, and the few values
-that rounding pushed an ulp outside are nudged back), so downstream code can assert it without tolerances.
+Guarantee: every perturbation returned by :func:`pgd`, :func:`trades_attack`, :func:`random_sign`,
+:func:`random_sign_l2` and :func:`gaussian_l2` lies in its ball and keeps the input in [0, 1] *exactly* in
+float32 (checked element/sample-wise, and the few values that rounding pushed an ulp outside are nudged
+back), so downstream code can assert it without tolerances.
 
 Randomness comes from ``generator`` when given (CPU or device generator; samples are drawn on the generator's
 device and moved), otherwise from the global RNG.
@@ -16,8 +18,9 @@ device and moved), otherwise from the global RNG.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -215,6 +218,27 @@ def target_labels(y: torch.Tensor, num_classes: int, rule: str = "next",
 
 
 # ------------------------------------------------------------------------------------------------ PGD
+def _model_device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    """The device the attack runs on: the model's (its first parameter or buffer), else ``x``'s."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return x.device
+
+
+def attack_objective(model: nn.Module, x_adv: torch.Tensor, labels: torch.Tensor, *, targeted: bool = False,
+                     amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample quantity PGD maximises: CE(f(x_adv), y), or -CE(f(x_adv), y_t) when ``targeted``.
+
+    Runs in the model's current mode; to compare with :func:`pgd`'s choice, put the model in eval mode.
+    """
+    with _autocast(x_adv, amp_dtype):
+        logits = model(x_adv)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return -ce if targeted else ce
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -242,15 +266,16 @@ def pgd(
       ``random_start=False`` starts at x.
     * Step: l_inf delta += step * sign(grad); l_2 delta += step * grad / ||grad||_2; each followed by
       projection onto the eps-ball and then the [0, 1] box.  No early stopping.
-    * Restarts: each restart runs all ``steps``; per sample, the final delta of the restart with the highest
-      CE (untargeted) / lowest target CE (targeted) is kept.  With one restart the final delta is returned
-      directly: the authors' code evaluates it once more, which in train mode only adds one BN running-stat
-      update, so that forward pass is skipped.
+    * Restarts: each restart runs all ``steps`` from its own random start (drawn in order from ``generator``,
+      so restart r of one call sees the start that the r-th of consecutive single-restart calls on the same
+      generator sees); per sample, the restart with the highest :func:`attack_objective` is kept (ties: the
+      earlier one).  The objective is evaluated on the exactly projected point that is returned.  With one
+      restart that evaluation is skipped: in train mode it would only add a BN running-stat update.
     * ``eval_mode=True`` attacks in eval mode (BN uses running stats) and restores each submodule's mode
       afterwards; ``eval_mode=False`` leaves the mode alone: the authors' AT attacks the model in train mode,
       so BN uses batch statistics and updates its running stats during the attack (paper section 1.4).
     * ``amp_dtype`` runs the forward passes under ``torch.autocast``; delta, its updates and the loss stay
-      fp32.
+      fp32.  The attack runs on the model's device (``x`` and labels are moved there).
 
     The output satisfies ``|x_adv - x|_inf <= eps`` (l_inf) or per-sample ``||x_adv - x||_2 <= eps`` (l_2) and
     ``0 <= x_adv <= 1`` exactly in float32.
@@ -258,41 +283,37 @@ def pgd(
     _check_norm(norm)
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    dt = _work_dtype(x)
-    x = x.detach().to(dt)
+    if epsilon < 0 or step < 0:
+        raise ValueError(f"epsilon and step must be >= 0, got epsilon={epsilon}, step={step}")
+    device = _model_device(model, x)
+    x = x.detach().to(device=device, dtype=_work_dtype(x))
     targeted = targets is not None
-    labels = (targets if targeted else y).to(x.device)
-    sign = -1.0 if targeted else 1.0  # we always *ascend* sign * CE(labels)
+    labels = (targets if targeted else y).to(device)
+    if labels.shape != x.shape[:1]:
+        raise ValueError(f"need one label per sample: x has {x.shape[0]}, labels {tuple(labels.shape)}")
 
-    def objective(xa: torch.Tensor) -> torch.Tensor:
-        with _autocast(x, amp_dtype):
-            logits = model(xa)
-        return sign * F.cross_entropy(logits.float(), labels, reduction="none")
-
-    best = x.clone()
-    best_obj = torch.full((x.shape[0],), -torch.inf, device=x.device)
-    with _mode(model, False if eval_mode else None):
-        for _ in range(restarts):
+    best = x
+    best_obj = torch.full((x.shape[0],), -torch.inf, device=device)
+    with _mode(model, False if eval_mode else None), torch.enable_grad():
+        for r in range(restarts):
             delta = _random_start(x, norm, epsilon, generator) if random_start else torch.zeros_like(x)
             for _ in range(steps):
                 delta.requires_grad_(True)
+                obj = attack_objective(model, x + delta, labels, targeted=targeted, amp_dtype=amp_dtype)
                 # summed (not mean) loss: each sample's gradient is independent of the batch size
-                (grad,) = torch.autograd.grad(objective(x + delta).sum(), delta)
+                (grad,) = torch.autograd.grad(obj.sum(), delta)
                 with torch.no_grad():
                     delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
-            delta = delta.detach()
-            if restarts == 1:
-                best = x + delta
-                break
             with torch.no_grad():
-                obj = objective(x + delta)
-                better = obj >= best_obj
-                best = torch.where(_view(better, x), x + delta, best)
+                x_adv = project(x, x + delta.detach(), norm=norm, epsilon=epsilon)
+                if restarts == 1:
+                    return x_adv
+                obj = attack_objective(model, x_adv, labels, targeted=targeted, amp_dtype=amp_dtype)
+                # the first restart is always taken, so a NaN objective can never leave the clean point
+                better = (obj > best_obj) | (r == 0)
+                best = torch.where(_view(better, x), x_adv, best)
                 best_obj = torch.where(better, obj, best_obj)
-    with torch.no_grad():
-        return project(x, best, norm=norm, epsilon=epsilon)
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ TRADES
@@ -305,17 +326,18 @@ def _kl_rows(logits_ref: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor
 
 def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: float, step: float, steps: int,
                         generator: torch.Generator | None, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """The KL inner maximisation, assuming the caller has set the model mode."""
+    """The KL inner maximisation, assuming the caller has set the model mode and put ``x`` on its device."""
     with torch.no_grad(), _autocast(x, amp_dtype):
         ref = model(x).float()  # the clean distribution is a fixed target of the inner problem
     delta = _project_delta(x, 0.001 * _randn(x.shape, x, generator), norm, epsilon)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        with _autocast(x, amp_dtype):
-            logits = model(x + delta)
-        (grad,) = torch.autograd.grad(_kl_rows(ref, logits).sum(), delta)
-        with torch.no_grad():
-            delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
+    with torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with _autocast(x, amp_dtype):
+                logits = model(x + delta)
+            (grad,) = torch.autograd.grad(_kl_rows(ref, logits).sum(), delta)
+            with torch.no_grad():
+                delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
     with torch.no_grad():
         return project(x, x + delta.detach(), norm=norm, epsilon=epsilon)
 
@@ -341,12 +363,22 @@ def trades_attack(
     that is the same update when ``step = 2 * epsilon / steps``, so pass that step to match it.
 
     The model is in eval mode during the attack and each submodule's mode is restored afterwards; see
-    :func:`trades_loss` for the authors' variant that never restores it.
+    :func:`trades_loss` for the authors' variant that never restores it.  The output is inside the ball and
+    the box exactly, like :func:`pgd`'s.
     """
     _check_norm(norm)
-    x = x.detach().to(_work_dtype(x))
+    x = x.detach().to(device=_model_device(model, x), dtype=_work_dtype(x))
     with _mode(model, False):
         return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype)
+
+
+class TradesLoss(NamedTuple):
+    """What :func:`trades_loss` returns; both logits carry the graph of the outer loss."""
+
+    loss: torch.Tensor
+    logits_clean: torch.Tensor
+    logits_adv: torch.Tensor
+    x_adv: torch.Tensor
 
 
 def trades_loss(
@@ -362,12 +394,13 @@ def trades_loss(
     bn_quirk: bool = False,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> TradesLoss:
     """TRADES objective CE(f(x), y) + beta * (1/B) sum_i KL(softmax f(x_i) || softmax f(x_adv_i)).
 
     Paper: beta = 6.0 (hard-coded by the authors), the training threat of section 1.6.  ``x_adv`` comes from
     :func:`trades_attack`; in the outer loss the gradient flows through both the clean and the adversarial
-    logits (as in TRADES).  Returns ``(loss, logits_clean, x_adv)``; ``logits_clean`` carries the graph.
+    logits (as in TRADES).  The adversarial logits are returned so that a caller logging robust accuracy needs
+    no third forward pass (which, in train mode, would update the BN running stats once more).
 
     ``bn_quirk=False`` (default, the correct behaviour): the attack runs in eval mode and the model's previous
     modes are restored before the two loss forward passes, so a training model uses batch statistics there and
@@ -380,6 +413,9 @@ def trades_loss(
     returns*; calling it every batch reproduces the authors' training exactly in this respect.
     """
     _check_norm(norm)
+    device = _model_device(model, x)
+    x = x.to(device)
+    y = y.to(device)
     saved = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -394,12 +430,15 @@ def trades_loss(
         logits_adv = model(x_adv)
     ce = F.cross_entropy(logits_clean.float(), y)
     kl = _kl_rows(logits_clean, logits_adv).mean()  # "batchmean": the KL summed over classes, averaged over B
-    return ce + beta * kl, logits_clean, x_adv
+    return TradesLoss(ce + beta * kl, logits_clean, logits_adv, x_adv)
 
 
 # ------------------------------------------------------------------------------------------------ noise
 def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + sigma * N(0, I), i.i.d. per pixel, clamped to [0, 1] (authors' eval.py baseline, sigma = 8/255)."""
+    """x + sigma * N(0, I), i.i.d. per pixel, clamped to [0, 1] (authors' eval.py baseline, sigma = 8/255).
+
+    Unbounded: it lies in no l_inf ball; it is the "same size" as an l_inf threat only through sigma = eps.
+    """
     xf = x.to(_work_dtype(x))
     return (xf + sigma * _randn(x.shape, xf, generator)).clamp_(0.0, 1.0)
 
@@ -407,49 +446,153 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | N
 def gaussian_l2(x: torch.Tensor, radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + radius * g / ||g||_2 with g ~ N(0, I) per sample, then clamped to [0, 1].
 
-    The authors' l_2-matched baseline (radius 128/255).  Before clamping the noise has norm ``radius`` (up to
-    float rounding); the clamp can only shorten it.
+    The authors' l_2-matched baseline (radius 128/255).  Before clamping the noise has norm ``radius``; the
+    clamp can only shorten it, and the result lies in the l_2 ball of that radius exactly.
     """
     xf = x.to(_work_dtype(x))
     g = _randn(x.shape, xf, generator)
-    return (xf + g * _view(radius / _l2_norms(g).clamp_min(_TINY), g)).clamp_(0.0, 1.0)
+    return _project_l2_exact(xf, xf + g * _view(radius / _l2_norms(g).clamp_min(_TINY), g), radius)
+
+
+def _random_signs(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.where(_randn(x.shape, x, generator) >= 0, 1.0, -1.0).to(x.dtype)
 
 
 def random_sign(x: torch.Tensor, epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + eps * sign(N(0, I)), clamped to [0, 1]: a uniformly random vertex of the l_inf ball.
+    """x + eps * s, s uniform in {-1, 1}^D, clamped to [0, 1]: a uniformly random vertex of the l_inf ball.
 
     The authors' ``linf_label`` baseline (eps = 8/255); ``|x_adv - x| <= eps`` holds exactly.
     """
     xf = x.to(_work_dtype(x))
-    s = torch.where(_randn(x.shape, xf, generator) >= 0, 1.0, -1.0).to(xf.dtype)
-    return _project_linf_exact(xf, xf + epsilon * s, epsilon)
+    return _project_linf_exact(xf, xf + epsilon * _random_signs(xf, generator), epsilon)
+
+
+def random_sign_l2(x: torch.Tensor, radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The l_2 counterpart of :func:`random_sign`: x + (radius / sqrt(D)) * s, s uniform in {-1, 1}^D.
+
+    A random sign pattern of l_2 norm ``radius`` (D = pixels per sample), i.e. a random vertex of the l_inf
+    ball inscribed in the l_2 sphere; clamped to [0, 1] and inside the l_2 ball exactly.
+    """
+    xf = x.to(_work_dtype(x))
+    per_pixel = radius / math.sqrt(xf[0].numel()) if len(xf) else 0.0
+    return _project_l2_exact(xf, xf + per_pixel * _random_signs(xf, generator), radius)
 
 
 # ------------------------------------------------------------------------------------------------ dispatcher
-PERTURBATIONS = ("clean", "pgd", "targeted", "gaussian", "gaussian_l2", "sign", "trades")
+KINDS = ("clean", "pgd", "targeted", "gaussian", "sign")
+
+# Which noise baseline stands for a threat model (paper.md section 5.3): per-pixel sigma = eps / a random
+# l_inf vertex for l_inf; the Gaussian direction / a sign pattern rescaled to l_2 norm eps for l_2.
+NOISE_VARIANTS: dict[tuple[str, str], str] = {
+    ("gaussian", "linf"): "per_pixel_sigma",
+    ("gaussian", "l2"): "l2_norm_matched",
+    ("sign", "linf"): "linf_vertex",
+    ("sign", "l2"): "l2_sign_direction",
+}
 
 
-def perturb(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params: Any) -> torch.Tensor:
-    """Apply perturbation ``kind`` by name; ``params`` are the keyword arguments of the matching function.
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation kind {kind!r}; known: {', '.join(KINDS)}")
 
-    ``targeted`` takes ``num_classes`` and optionally ``target_rule`` (default ``"next"``) instead of
-    ``targets``.
+
+def perturb(
+    kind: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    epsilon: float,
+    step: float = 0.0,
+    steps: int = 0,
+    restarts: int = 1,
+    targets: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    target_rule: str = "next",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The one dispatcher of the perturbation kinds of the features rule, for one threat model (pixel units).
+
+    * ``clean``: ``x`` unchanged.
+    * ``pgd``: untargeted :func:`pgd` (eval mode).
+    * ``targeted``: :func:`pgd` towards ``targets``; when they are not given they are drawn by
+      :func:`target_labels` with ``target_rule`` (needs ``num_classes``).
+    * ``gaussian``: l_inf threat: i.i.d. N(0, eps^2) per pixel (:func:`gaussian_noise`); l_2 threat: a
+      Gaussian direction of norm eps (:func:`gaussian_l2`).
+    * ``sign``: l_inf threat: a random vertex of the eps-ball (:func:`random_sign`); l_2 threat: a random sign
+      pattern of l_2 norm eps (:func:`random_sign_l2`).
+
+    :func:`kind_params` gives the matching record of parameters.  Output is on the model's device for the
+    attacks and on ``x``'s device for the noise kinds.
     """
+    _check_kind(kind)
+    _check_norm(norm)
     if kind == "clean":
         return x
-    if kind == "pgd":
-        return pgd(model, x, y, **params)
-    if kind == "targeted":
-        p = dict(params)
-        gen = p.get("generator")
-        t = target_labels(y, p.pop("num_classes"), p.pop("target_rule", "next"), generator=gen)
-        return pgd(model, x, y, targets=t, **p)
-    if kind == "gaussian":
-        return gaussian_noise(x, **params)
-    if kind == "gaussian_l2":
-        return gaussian_l2(x, **params)
-    if kind == "sign":
-        return random_sign(x, **params)
-    if kind == "trades":
-        return trades_attack(model, x, **params)
-    raise ValueError(f"unknown perturbation kind {kind!r}; known: {', '.join(PERTURBATIONS)}")
+    if kind in ("pgd", "targeted"):
+        if kind == "targeted" and targets is None:
+            if num_classes is None:
+                raise ValueError("the targeted kind needs `targets` or `num_classes`")
+            targets = target_labels(y, num_classes, target_rule, generator=generator)
+        return pgd(model, x, y, norm=norm, epsilon=epsilon, step=step, steps=steps, restarts=restarts,
+                   targets=targets if kind == "targeted" else None, random_start=random_start,
+                   generator=generator, amp_dtype=amp_dtype)
+    variant = NOISE_VARIANTS[(kind, norm)]
+    if variant == "per_pixel_sigma":
+        return gaussian_noise(x, epsilon, generator=generator)
+    if variant == "l2_norm_matched":
+        return gaussian_l2(x, epsilon, generator=generator)
+    if variant == "linf_vertex":
+        return random_sign(x, epsilon, generator=generator)
+    return random_sign_l2(x, epsilon, generator=generator)
+
+
+def _in_255(v: float) -> float:
+    return round(v * 255.0, 9)  # 64/255 * 255 prints as 64.0, not 64.00000000000001
+
+
+def kind_params(
+    kind: str,
+    *,
+    norm: str,
+    epsilon: float,
+    step: float = 0.0,
+    steps: int = 0,
+    restarts: int = 1,
+    target_rule: str = "next",
+    random_start: bool = True,
+    input_numel: int | None = None,
+) -> dict[str, Any]:
+    """Every parameter :func:`perturb` uses for ``kind`` (same arguments), for the HDF5 group attributes.
+
+    Pixel units, plus ``*_255`` copies in the config's 1/255 units.  ``input_numel`` (pixels per sample) is
+    needed to record the per-pixel magnitude of the l_2 sign noise.
+    """
+    _check_kind(kind)
+    _check_norm(norm)
+    if kind == "clean":
+        return {"kind": kind}
+    base: dict[str, Any] = {"kind": kind, "norm": norm, "epsilon": epsilon, "epsilon_255": _in_255(epsilon)}
+    if kind in ("pgd", "targeted"):
+        p = {**base, "step": step, "step_255": _in_255(step), "steps": steps, "restarts": restarts,
+             "random_start": random_start, "model_mode": "eval",
+             "loss": "-cross_entropy(target)" if kind == "targeted" else "cross_entropy(true)"}
+        if kind == "targeted":
+            p["target_rule"] = target_rule
+        return p
+    variant = NOISE_VARIANTS[(kind, norm)]
+    p = {**base, "variant": variant, "clamped_to_box": True}
+    if variant == "per_pixel_sigma":
+        p.update(sigma=epsilon, sigma_255=_in_255(epsilon), bounded=False)
+    elif variant == "l2_norm_matched":
+        p.update(radius=epsilon, bounded=True)
+    elif variant == "linf_vertex":
+        p.update(per_pixel_magnitude=epsilon, bounded=True)
+    else:
+        p.update(radius=epsilon, bounded=True)
+        if input_numel is not None:
+            p["per_pixel_magnitude"] = epsilon / math.sqrt(input_numel)
+    return p

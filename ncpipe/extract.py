@@ -1,4 +1,4 @@
-"""Attack and extract: penultimate features of clean and perturbed data for one checkpoint and threat model."""
+"""Attack and extract: penultimate features of clean and perturbed data, one checkpoint x one threat model."""
 
 from __future__ import annotations
 
@@ -20,49 +20,15 @@ from .utils import sha256_file
 log = logging.getLogger("ncpipe.extract")
 
 
-def kind_params(kind: str, threat: dict[str, Any], target_rule: str) -> dict[str, Any]:
-    """The parameters recorded on each HDF5 group (pixel units, plus the 1/255 value for readability)."""
-    eps = threat["epsilon"] / 255.0
-    base = {"kind": kind, "norm": threat["norm"], "epsilon": eps, "epsilon_255": threat["epsilon"]}
-    if kind == "clean":
-        return {"kind": kind}
-    if kind in ("pgd", "targeted"):
-        p = {**base, "step": threat["step"] / 255.0, "steps": threat["steps"], "restarts": threat["restarts"],
-             "random_start": True}
-        if kind == "targeted":
-            p["target_rule"] = target_rule
-        return p
-    if kind == "gaussian":
-        # l_inf: i.i.d. per-pixel sigma = epsilon (the authors' eval.py); l_2: a Gaussian direction rescaled to
-        # norm epsilon (the authors' l2-matched baseline)
-        return {**base, "variant": "per_pixel_sigma" if threat["norm"] == "linf" else "l2_norm_matched"}
-    if kind == "sign":
-        return {**base, "variant": "linf_vertex" if threat["norm"] == "linf" else "sign_direction_l2_matched"}
-    raise ValueError(f"unknown perturbation kind {kind!r}; known: clean, pgd, targeted, gaussian, sign")
-
-
-def perturb(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: dict[str, Any],
-            targets: torch.Tensor | None, gen: torch.Generator, amp: torch.dtype | None) -> torch.Tensor:
-    eps = threat["epsilon"] / 255.0
-    if kind == "clean":
-        return x
-    if kind in ("pgd", "targeted"):
-        return attacks.pgd(model, x, y, norm=threat["norm"], epsilon=eps, step=threat["step"] / 255.0,
-                           steps=threat["steps"], restarts=threat["restarts"],
-                           targets=targets if kind == "targeted" else None, generator=gen, amp_dtype=amp)
-    if kind == "gaussian":
-        if threat["norm"] == "linf":
-            return attacks.gaussian_noise(x, eps, generator=gen)
-        return attacks.gaussian_l2(x, eps, generator=gen)
-    if kind == "sign":
-        if threat["norm"] == "linf":
-            return attacks.random_sign(x, eps, generator=gen)
-        return attacks.random_sign(x, eps / math.sqrt(x[0].numel()), generator=gen)
-    raise ValueError(f"unknown perturbation kind {kind!r}")
+def attack_kwargs(threat: dict[str, Any]) -> dict[str, Any]:
+    """The features rule's threat slice (1/255 units) as pixel-unit keyword arguments of attacks.perturb."""
+    return {"norm": threat["norm"], "epsilon": threat["epsilon"] / 255.0, "step": threat["step"] / 255.0,
+            "steps": threat["steps"], "restarts": threat["restarts"]}
 
 
 @torch.no_grad()
-def _features(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(model: torch.nn.Module, x: torch.Tensor,
+              amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         h, logits = model.forward_features(x)
     return h.float(), logits.float()
@@ -76,6 +42,7 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
     net.eval()
     data = load_data(spec)
     threat, meta = spec["threat"], ckpt["meta"]
+    adv = attack_kwargs(threat)
     # A fixed generator per (seed, epoch): reruns of a job give the same noise and random starts.
     gen = torch.Generator(device=device).manual_seed(int(meta["seed"]) * 100_003 + int(ckpt["epoch"]))
     root = {
@@ -97,12 +64,14 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
         for split in spec["splits"]:
             xs, ys = data.split(split)
             xs, ys = xs.to(device), ys.to(device)
-            targets_all = attacks.target_labels(ys, meta["num_classes"], rule=spec["target_rule"], generator=gen)
+            targets_all = attacks.target_labels(ys, meta["num_classes"], rule=spec["target_rule"],
+                                                generator=gen)
             for kind in spec["kinds"]:
                 feats, preds = [], []
                 for i in tqdm(range(0, len(xs), bs), desc=f"{split}/{kind}", mininterval=5, leave=False):
                     xb, yb = to_float(xs[i:i + bs]), ys[i:i + bs]
-                    xp = perturb(kind, net, xb, yb, threat, targets_all[i:i + bs], gen, amp)
+                    xp = attacks.perturb(kind, net, xb, yb, **adv, targets=targets_all[i:i + bs],
+                                         generator=gen, amp_dtype=amp)
                     h, logits = _features(net, xp, amp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
@@ -116,7 +85,8 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
                 g.create_dataset("predictions", data=pm)
                 if kind == "targeted":
                     g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
-                params = kind_params(kind, threat, spec["target_rule"])
+                params = attacks.kind_params(kind, **adv, target_rule=spec["target_rule"],
+                                             input_numel=int(xs[0].numel()))
                 set_attrs(g, {**params, "split": split, "num_samples": len(lab),
                               "accuracy": float((pm == lab).mean()) if len(lab) else math.nan})
                 log.info("%s/%s: accuracy %.4f", split, kind, float((pm == lab).mean()))
