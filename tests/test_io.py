@@ -98,8 +98,8 @@ def test_chunking_and_compression_of_the_writer(tmp_path: Path) -> None:
         small = io.write_matrix(f, "small", np.zeros((10, 512), np.float32))
         half = io.write_matrix(f, "half", np.zeros((3000, 512), np.float32), dtype="float16")
         plain = io.write_matrix(f, "plain", np.zeros((10, 512), np.float32), compression="none")
-        # 1 MiB chunks of whole rows: 512 rows of 512 float32, 1024 rows of float16
-        assert big.chunks == (512, 512) and half.chunks == (1024, 512) and small.chunks == (10, 512)
+        # 256 KiB chunks of whole rows: 128 rows of 512 float32, 256 rows of float16
+        assert big.chunks == (128, 512) and half.chunks == (256, 512) and small.chunks == (10, 512)
         assert big.compression == "gzip" and big.compression_opts == 4 and big.shuffle
         assert plain.chunks is None and plain.compression is None
 
