@@ -30,3 +30,43 @@ rule aggregate:
         "../envs/ncpipe.yaml"
     shell:
         "ncpipe aggregate --out {output.table:q} {input.tables:q} > {log:q} 2>&1"
+
+
+# Layerwise NC of the final checkpoint: NC1 and NCC accuracy at every probe layer, clean and PGD train data.
+rule layerwise:
+    input:
+        checkpoint=paths.CHECKPOINT,
+        code=code("layerwise"),
+    output:
+        table=paths.LAYERWISE,
+        h5=paths.LAYERWISE_H5,
+    params:
+        spec=lambda wc: grid.layerwise_spec(config, wc),
+    log:
+        paths.log("layerwise", paths.LAYERWISE),
+    benchmark:
+        paths.benchmark("layerwise", paths.LAYERWISE)
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "ncpipe --threads {threads} layerwise --spec {params.spec:q} --checkpoint {input.checkpoint:q}"
+        " --regime {wildcards.regime} --out-csv {output.table:q} --out-h5 {output.h5:q} > {log:q} 2>&1"
+
+
+rule aggregate_layerwise:
+    input:
+        tables=grid.expand(paths.LAYERWISE, grid.cells(config, final_only=True)),
+    output:
+        table=paths.ALL_LAYERWISE,
+    log:
+        paths.log("aggregate_layerwise", paths.ALL_LAYERWISE),
+    benchmark:
+        paths.benchmark("aggregate_layerwise", paths.ALL_LAYERWISE)
+    threads: 1
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "ncpipe aggregate-layerwise --out {output.table:q} {input.tables:q} > {log:q} 2>&1"
