@@ -57,6 +57,22 @@ def cmd_aggregate(a: argparse.Namespace) -> None:
     log.info("%d rows from %d tables -> %s", len(df), len(a.tables), a.out)
 
 
+def cmd_layerwise(a: argparse.Namespace) -> None:
+    from .layerwise import run_layerwise
+
+    run_layerwise(_spec(a.spec), a.checkpoint, a.out_csv, a.out_h5, regime=a.regime)
+
+
+def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
+    from .layerwise import aggregate
+    from .utils import atomic_output
+
+    df = aggregate(a.tables)
+    with atomic_output(a.out) as tmp:
+        df.to_csv(tmp, index=False)
+    log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
+
+
 def cmd_figures(a: argparse.Namespace) -> None:
     from .figures import draw_family
 
@@ -110,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("tables", nargs="*")
     g.set_defaults(fn=cmd_aggregate)
+
+    lw = sub.add_parser("layerwise", help="per-layer NC1 / NCC accuracy of a checkpoint, clean and PGD")
+    lw.add_argument("--spec", required=True, help="JSON spec (or @file), grid.layerwise_spec")
+    lw.add_argument("--checkpoint", required=True)
+    lw.add_argument("--regime", default=None, help="regime id for the table (default: from the checkpoint)")
+    lw.add_argument("--out-csv", required=True)
+    lw.add_argument("--out-h5", required=True)
+    lw.set_defaults(fn=cmd_layerwise)
+
+    gl = sub.add_parser("aggregate-layerwise", help="concatenate per-checkpoint layerwise tables")
+    gl.add_argument("--out", required=True)
+    gl.add_argument("tables", nargs="*")
+    gl.set_defaults(fn=cmd_aggregate_layerwise)
 
     fg = sub.add_parser("figures", help="draw one figure family")
     fg.add_argument("--family", required=True)

@@ -42,6 +42,7 @@ STAGE_MODULES = {
     "train": ["__init__", "data", "models", "attacks", "train", "utils"],
     "features": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils"],
     "metrics": ["metrics", "evaluate", "io"],
+    "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise"],
     "figures": ["figures"],
 }
 
@@ -67,4 +68,5 @@ def figure_outputs():
 
 
 def all_targets():
-    return [paths.ALL_METRICS, *figure_outputs()]
+    layerwise = [paths.ALL_LAYERWISE] if config["layerwise"]["enabled"] else []
+    return [paths.ALL_METRICS, *layerwise, *figure_outputs()]
