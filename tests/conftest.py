@@ -5,6 +5,8 @@ Add fixtures with small, targeted edits: several engineers share this file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +45,17 @@ def trained_mnist_model(tmp_path_factory: pytest.TempPathFactory
     # the checkpoint carries the spec, so the data come back exactly as the model was trained on them
     data = load_data(payload["spec"])
     return model.eval(), to_float(data.x_train), data.y_train, int(payload["meta"]["num_classes"])
+
+
+@pytest.fixture(scope="session")
+def tiny_dump(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"checkpoint": Path, "dump": Path}``: a real feature dump written by ``extract_features`` from a tiny
+    untrained VGG (tests/tiny_dump.py: 30 train / 20 test MNIST digits, every perturbation kind, D = 32).
+
+    Shared by the whole session: copy the files before modifying them.
+    """
+    from tiny_dump import make_checkpoint, make_dump
+
+    root = tmp_path_factory.mktemp("tiny_dump")
+    ckpt = make_checkpoint(root)
+    return {"checkpoint": ckpt, "dump": make_dump(root, ckpt)}

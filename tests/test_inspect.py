@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,17 +20,15 @@ from ncpipe.cli import main
 from ncpipe.train import save_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_dump import KINDS, NUM_CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_checkpoint, make_dump  # noqa: E402
+from tiny_dump import KINDS, NUM_CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_checkpoint  # noqa: E402
 
 GROUPS = [f"/{s}/{k}" for s in ("train", "test") for k in KINDS]
 N = {"train": TRAIN_PER_CLASS * NUM_CLASSES, "test": TEST_PER_CLASS * NUM_CLASSES}
 
 
 @pytest.fixture(scope="module")
-def dump(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("inspect_dump")
-    return make_dump(root, make_checkpoint(root))
+def dump(tiny_dump: dict[str, Path]) -> Path:
+    return tiny_dump["dump"]
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -205,3 +205,23 @@ def test_layerwise_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert s["groups"][0]["original_shape"] == [16, 14, 14] and s["groups"][0]["class_counts"] == [2, 2, 2]
     code, _, err = _cli(capsys, str(path), "--verify")
     assert code == 2 and "--verify supports feature dumps only" in err
+
+
+def test_readme_recipes_run_as_written(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every code block of docs/inspecting.md (the README section) against a dump at the default-run path."""
+    pytest.importorskip("xarray")
+    doc = (Path(__file__).parents[1] / "docs" / "inspecting.md").read_text()
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", doc, flags=re.S)
+    assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
+    target = tmp_path / "results/mnist5k/vgg11bn/st/seed1/features/epoch30_linf_eps64.h5"
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(dump, target)
+    monkeypatch.chdir(tmp_path)
+    for lang, code in blocks:
+        if lang == "python":
+            exec(compile(code, "docs/inspecting.md", "exec"), {})
+        elif shutil.which("h5ls") and shutil.which("h5dump"):
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            r = subprocess.run(["bash", "-eu", "-c", code], capture_output=True, text=True, env=env)
+            assert r.returncode == 0, r.stderr
+            assert "/train/clean/features" in r.stdout and "checkpoint_sha256" in r.stdout

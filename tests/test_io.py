@@ -9,7 +9,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from ncpipe import io, metrics
 
@@ -20,7 +19,6 @@ from tiny_dump import (  # noqa: E402
     NUM_CLASSES,
     TEST_PER_CLASS,
     TRAIN_PER_CLASS,
-    make_checkpoint,
     make_dump,
 )
 
@@ -28,11 +26,10 @@ N = {"train": TRAIN_PER_CLASS * NUM_CLASSES, "test": TEST_PER_CLASS * NUM_CLASSE
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("io_dump")
-    ckpt = make_checkpoint(root)
-    return {"ckpt": ckpt, "f32": make_dump(root, ckpt), "f16": make_dump(root, ckpt, dtype="float16")}
+def real(tiny_dump: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared float32 dump (conftest.py) and a float16 one extracted from the same checkpoint."""
+    f16 = make_dump(tmp_path_factory.mktemp("io_f16"), tiny_dump["checkpoint"], dtype="float16")
+    return {"ckpt": tiny_dump["checkpoint"], "f32": tiny_dump["dump"], "f16": f16}
 
 
 def _synthetic(path: Path, kinds: dict[str, list[str]], rng: np.random.Generator) -> dict:
