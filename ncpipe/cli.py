@@ -80,6 +80,23 @@ def cmd_figures(a: argparse.Namespace) -> None:
     draw_family(a.table, a.family, a.stems, a.outdir, spec["formats"], spec["dpi"], spec["context"])
 
 
+def cmd_tables(a: argparse.Namespace) -> None:
+    from .tables import write_accuracy_tables
+
+    for path in write_accuracy_tables(a.table, a.stems, a.outdir):
+        log.info("wrote %s", path)
+
+
+def cmd_train_logs(a: argparse.Namespace) -> None:
+    from .tables import aggregate_train_logs
+    from .utils import atomic_output
+
+    df = aggregate_train_logs(a.logs)
+    with atomic_output(a.out) as tmp:
+        df.to_csv(tmp, index=False)
+    log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
+
+
 def cmd_inspect(a: argparse.Namespace) -> None:
     from .inspect import run
     from .io import DumpError
@@ -147,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--spec", required=True)
     fg.add_argument("stems", nargs="+")
     fg.set_defaults(fn=cmd_figures)
+
+    tb = sub.add_parser("tables", help="final-epoch accuracy tables (CSV + LaTeX) from the metrics table")
+    tb.add_argument("--table", required=True)
+    tb.add_argument("--outdir", required=True)
+    tb.add_argument("stems", nargs="+", help="accuracy_final__{dataset}__{norm}{eps}")
+    tb.set_defaults(fn=cmd_tables)
+
+    tl = sub.add_parser("train-logs", help="concatenate per-run training logs with their run identity")
+    tl.add_argument("--out", required=True)
+    tl.add_argument("logs", nargs="*", help="per-run train_log.csv paths, as the workflow names them")
+    tl.set_defaults(fn=cmd_train_logs)
     ins = sub.add_parser("inspect", help="summarise a feature dump or layerwise file; --verify provenance")
     ins.add_argument("file", help="an HDF5 file written by `ncpipe features` or the layerwise stage")
     ins.add_argument("--json", action="store_true", help="machine-readable output")

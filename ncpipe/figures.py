@@ -1,11 +1,19 @@
-"""Figures from the aggregated tidy table (seaborn).  Each family knows its own file names and how to draw them."""
+"""Figures from the aggregated tidy tables (matplotlib).  Each family knows its file names, table and drawing.
+
+A family's file stem is a pattern over the grid's wildcards (``{dataset}__{arch}__{regime}__{norm}{eps}``
+...), so the main, l_2 and ImageNette grids write distinct files, Snakemake sees the wildcards (report
+categories, captions), and the drawing code selects its rows from the stem alone.  Seeds are drawn as their
+mean with a +-1 s.d. band (bars: +-1 s.d. error bars); NC1 is on a log axis; angles are in degrees (the table
+stores radians).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +21,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
+from . import paths  # noqa: E402
 from .utils import atomic_output  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
@@ -23,28 +32,164 @@ log = logging.getLogger("ncpipe.figures")
 PERTURBATION_LABELS = {
     "clean": "clean",
     "pgd": "PGD (untargeted)",
-    "targeted": "PGD (targeted)",
+    "targeted": "PGD targeted to (y+1) mod C",
     "gaussian": "Gaussian noise",
-    "sign": "random sign noise",
+    "sign": "random-sign noise",
 }
-PALETTE = {"clean": "#1f77b4", "pgd": "#d62728", "targeted": "#9467bd", "gaussian": "#2ca02c", "sign": "#8c564b"}
+PALETTE = {
+    "clean": "#1f77b4",
+    "pgd": "#d62728",
+    "targeted": "#9467bd",
+    "gaussian": "#2ca02c",
+    "sign": "#ff7f0e",
+}
 METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
+METHOD_ORDER = ["st", "at", "trades"]
+NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
 
-NC_PANELS = [
-    ("accuracy", "accuracy", False),
-    ("nc1", "NC1  Tr(Σ_W Σ_B⁺)", True),
-    ("nc2_equinorm_means", "NC2 equinorm (means)", False),
-    ("nc2_equiangular_means", "NC2 equiangularity (means)", False),
-    ("nc3", "NC3 self-duality", False),
-    ("nc4", "NC4 NCC mismatch", False),
-]
+FONT_SIZES = {"paper": 8, "notebook": 10, "talk": 13, "poster": 16}
+PCT = 100.0  # accuracies are stored as fractions and drawn in percent
+DEG = 180.0 / np.pi  # angles are stored in radians and drawn in degrees
+
+
+# ------------------------------------------------------------------------------------------- selection
+@dataclass(frozen=True)
+class Series:
+    """One line: the rows of a (perturbation, grouping) pair for one metric, named for the legend."""
+
+    label: str
+    metric: str
+    perturbation: str | None = None  # None: the table has no perturbation column (training logs)
+    grouping: str | None = "true"
+    colour: str | None = None
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class Panel:
-    key: str  # table's metric name
     ylabel: str
-    log: bool
+    series: tuple[Series, ...]
+    log: bool = False
+
+
+def _eps_equal(col: pd.Series, eps: str) -> pd.Series:
+    return np.isclose(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), float(eps))
+
+
+def select(df: pd.DataFrame, sel: dict[str, str]) -> pd.DataFrame:
+    """Rows of ``df`` matching a stem's wildcards (dataset, arch, regime, norm, eps); epsilons as numbers."""
+    m = np.ones(len(df), dtype=bool)
+    for k, v in sel.items():
+        if k == "eps":
+            m &= _eps_equal(df["epsilon"], v)
+        elif k in df.columns:
+            m &= (df[k].astype(str) == str(v)).to_numpy()
+    return df[m]
+
+
+def series_frame(df: pd.DataFrame, series: tuple[Series, ...]) -> pd.DataFrame:
+    """Long frame with a ``series`` column (the legend label) and ``value`` scaled for display."""
+    parts = []
+    for s in series:
+        m = df["metric"] == s.metric
+        if s.perturbation is not None:
+            m &= df["perturbation"] == s.perturbation
+        if s.grouping is not None and "grouping" in df.columns:
+            m &= df["grouping"] == s.grouping
+        part = df[m]
+        if part.empty:
+            continue
+        part = part.assign(series=s.label, value=part["value"].astype(float) * s.scale)
+        parts.append(part[np.isfinite(part["value"])])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*df.columns, "series"])
+
+
+def _wide_to_long(df: pd.DataFrame, id_cols: list[str], value_cols: list[str]) -> pd.DataFrame:
+    cols = [c for c in value_cols if c in df.columns]
+    return df.melt(id_vars=[c for c in id_cols if c in df.columns], value_vars=cols, var_name="metric")
+
+
+# ------------------------------------------------------------------------------------------- drawing
+def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "epoch") -> plt.Figure:
+    """One axis per panel, x = epoch, one line per series: mean over seeds with a +-1 s.d. band."""
+    shown = [(p, series_frame(df, p.series)) for p in panels]
+    shown = [(p, f) for p, f in shown if not f.empty]
+    if not shown:
+        return empty_figure(title)
+    cols = min(3, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), squeeze=False)
+    legend: dict[str, Any] = {}
+    for ax, (panel, frame) in zip(axes.flat, shown, strict=False):
+        order = [s.label for s in panel.series if s.label in set(frame["series"])]
+        colours = {s.label: s.colour for s in panel.series if s.colour}
+        marker = "o" if frame[x].nunique() <= 80 else None  # 400 per-epoch markers would hide the line
+        for label in order:
+            h = mean_band(ax, frame[frame["series"] == label], x, colours.get(label), label, marker=marker)
+            legend.setdefault(label, h)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(panel.ylabel)
+        if panel.log and (frame["value"] > 0).all():
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
+    return finish(fig, title, list(legend.values()), list(legend))
+
+
+def mean_band(
+    ax: plt.Axes,
+    frame: pd.DataFrame,
+    x: str,
+    colour: str | None,
+    label: str,
+    style: str = "-",
+    marker: str | None = "o",
+) -> Any:
+    """Mean of ``value`` over seeds (repeated rows averaged first) per ``x``, with a +-1 s.d. band."""
+    per_seed = (
+        frame.groupby([x, "seed"])["value"].mean() if "seed" in frame.columns else frame.set_index(x)["value"]
+    )
+    stats = per_seed.groupby(level=0).agg(["mean", "std"]).sort_index()
+    (line,) = ax.plot(
+        stats.index, stats["mean"], style, color=colour, marker=marker, markersize=3, label=label
+    )
+    sd = stats["std"].fillna(0.0)
+    ax.fill_between(
+        stats.index, stats["mean"] - sd, stats["mean"] + sd, color=line.get_color(), alpha=0.2, linewidth=0
+    )
+    return line
+
+
+def finish(
+    fig: plt.Figure, title: str, handles: list | None = None, labels: list[str] | None = None, ncol: int = 3
+) -> plt.Figure:
+    """Lay out the axes, then put the shared legend just above them and the title above the legend."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    to_fig = fig.transFigure.inverted()
+    # the axes' full extent (their titles included), so the legend never covers a panel title
+    top = max(ax.get_tightbbox(renderer).transformed(to_fig).y1 for ax in fig.axes if ax.get_visible())
+    y = top + 0.02
+    if handles:
+        leg = fig.legend(
+            handles,
+            labels,
+            loc="lower center",
+            bbox_to_anchor=(0.5, y),
+            ncol=min(ncol, len(handles)),
+            frameon=False,
+        )
+        box = leg.get_window_extent(renderer).transformed(to_fig)
+        y = box.y1 + 0.005
+    fig.suptitle(title, y=y, va="bottom")
+    return fig
+
+
+def empty_figure(title: str, why: str = "no data for this figure in the table") -> plt.Figure:
+    fig = plt.figure(figsize=(6, 2))
+    fig.text(0.5, 0.6, title, ha="center", fontsize=9)
+    fig.text(0.5, 0.3, why, ha="center")
+    return fig
 
 
 def save(fig: plt.Figure, stem: str, formats: list[str], dpi: int) -> list[str]:
@@ -59,102 +204,433 @@ def save(fig: plt.Figure, stem: str, formats: list[str], dpi: int) -> list[str]:
     return out
 
 
-def metric_vs_epoch(df: pd.DataFrame, panels: list[tuple[str, str, bool]], title: str,
-                    hue: str = "perturbation") -> plt.Figure:
-    """One panel per metric, x = epoch, one line per ``hue`` value, mean over seeds with a ±1 sd band."""
-    n = len(panels)
-    cols = min(3, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, ylabel, logy) in zip(axes.flat, panels, strict=False):
-        sub = df[df["metric"] == key]
-        if sub.empty:
-            ax.set_visible(False)
-            continue
-        order = [k for k in PERTURBATION_LABELS if k in set(sub[hue])] if hue == "perturbation" else None
-        sns.lineplot(data=sub, x="epoch", y="value", hue=hue, hue_order=order, errorbar="sd", marker="o",
-                     palette=PALETTE if hue == "perturbation" else None, ax=ax, legend=ax is axes.flat[0])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        if logy and (sub["value"] > 0).all():
-            ax.set_yscale("log")
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    leg = axes.flat[0].get_legend()
-    if leg is not None:
+def _threat(sel: dict[str, str]) -> str:
+    return f"{NORM_LABELS.get(sel['norm'], sel['norm'])} ε = {sel['eps']}/255"
+
+
+def _method_label(regime: str) -> str:
+    method, _, train_threat = regime.partition("_")
+    label = METHOD_LABELS.get(method, method)
+    return f"{label} [{train_threat}]" if train_threat else label
+
+
+def _title(sel: dict[str, str], what: str) -> str:
+    head = " / ".join(sel[k] for k in ("dataset", "arch") if k in sel)
+    parts = [head]
+    if "regime" in sel:
+        parts.append(_method_label(sel["regime"]))
+    if "norm" in sel:
+        parts.append(f"evaluation threat {_threat(sel)}")
+    return f"{what}\n" + " — ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- families
+NC_METRICS = [
+    ("accuracy", "network accuracy (%)", False, PCT),
+    ("nc1", "NC1 = Tr(Σ_W Σ_B⁺)", True, 1.0),
+    ("nc2_equinorm_means", "NC2 equinorm (CV of mean norms)", False, 1.0),
+    ("nc2_equiangular_means", "NC2 equiangularity", False, 1.0),
+    ("nc3", "NC3 self-duality ‖W/‖W‖ − M/‖M‖‖²", False, 1.0),
+    ("nc4", "NC4 NCC ≠ network (fraction)", False, 1.0),
+]
+
+
+def _by_perturbation(metric: str, scale: float, kinds: tuple[str, ...] = tuple(PERTURBATION_LABELS)) -> tuple:
+    return tuple(Series(PERTURBATION_LABELS[k], metric, k, "true", PALETTE[k], scale) for k in kinds)
+
+
+def _draw_nc(split: str) -> Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]:
+    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+        df = select(tables["metrics"], sel)
+        df = df[df["split"] == split]
+        panels = [Panel(lbl, _by_perturbation(m, s), lg) for m, lbl, lg, s in NC_METRICS]
+        return epoch_panels(
+            df, panels, _title(sel, f"Neural Collapse on {split} data, grouped by true label")
+        )
+
+    return draw
+
+
+def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+    df = select(tables["metrics"], sel)
+    df = df[df["split"] == "train"]
+    lines = [
+        ("clean, by true label", "clean", "true", "#1f77b4"),
+        ("targeted PGD, by target label", "targeted", "target", "#9467bd"),
+        ("targeted PGD, by true label", "targeted", "true", "#c5b0d5"),
+        ("untargeted PGD, by predicted label", "pgd", "predicted", "#d62728"),
+    ]
+
+    def ser(metric: str, scale: float = 1.0) -> tuple[Series, ...]:
+        return tuple(Series(lb, metric, k, g, c, scale) for lb, k, g, c in lines)
+
+    align = [
+        ("centred means", "align_angle_centred", "#9467bd"),
+        ("raw means", "align_angle_uncentred", "#17becf"),
+    ]
+    dist = [
+        ("centred means", "align_dist_centred", "#9467bd"),
+        ("raw means", "align_dist_uncentred", "#17becf"),
+    ]
+    panels = [
+        Panel("agreement of network with grouping label (%)", ser("accuracy", PCT)),
+        Panel("NC1 = Tr(Σ_W Σ_B⁺)", ser("nc1"), log=True),
+        Panel("NC2 equiangularity", ser("nc2_equiangular_means")),
+        Panel("NC3 self-duality", ser("nc3")),
+        Panel(
+            "∠(clean mean of c, mean of points targeted to c) (degrees)",
+            tuple(Series(f"angle, {lb}", m, "targeted", "target", c, DEG) for lb, m, c in align),
+        ),
+        Panel(
+            "‖clean mean of c − mean targeted to c‖ (feature units)",
+            tuple(Series(f"distance, {lb}", m, "targeted", "target", c) for lb, m, c in dist),
+        ),
+    ]
+    return epoch_panels(df, panels, _title(sel, "Leap: targeted PGD (y → (y+1) mod C) on train data"))
+
+
+ALIGN_PANELS = [
+    ("align_angle_centred", "∠ centred clean vs perturbed means (degrees)", DEG),
+    ("align_angle_uncentred", "∠ raw clean vs perturbed means (degrees)", DEG),
+    ("align_global_mean_angle", "∠ clean vs perturbed global means (degrees)", DEG),
+    ("align_dist_centred", "‖centred mean difference‖ (feature units)", 1.0),
+    ("align_dist_uncentred", "‖raw mean difference‖ (feature units)", 1.0),
+    ("align_global_mean_dist", "‖global mean difference‖ (feature units)", 1.0),
+]
+
+
+def _draw_alignment(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+    df = select(tables["metrics"], sel)
+    df = df[df["split"] == "train"]
+    kinds = ("pgd", "targeted", "gaussian", "sign")
+    panels = [Panel(lbl, _by_perturbation(m, s, kinds)) for m, lbl, s in ALIGN_PANELS]
+    return epoch_panels(
+        df,
+        panels,
+        _title(
+            sel,
+            "Clean vs perturbed simplex alignment on train data "
+            "(class means by true label, averaged over classes)",
+        ),
+    )
+
+
+def _final(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["epoch"] == df["epoch"].max()] if not df.empty else df
+
+
+def _regime_order(regimes: list[str]) -> list[str]:
+    return sorted(
+        set(regimes),
+        key=lambda r: (METHOD_ORDER.index(r.split("_")[0]) if r.split("_")[0] in METHOD_ORDER else 9, r),
+    )
+
+
+def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+    title = _title(sel, "Network vs nearest-clean-class-mean (NCC) classifier, final epoch")
+    df = _final(select(tables["metrics"], sel))
+    df = df[
+        (df["grouping"] == "true")
+        & df["perturbation"].isin(["clean", "pgd"])
+        & df["metric"].isin(["accuracy", "ncc_train_means_accuracy"])
+    ]
+    if df.empty:
+        return empty_figure(title)
+    df = df.assign(
+        value=df["value"] * PCT,
+        classifier=df["metric"].map(
+            {"accuracy": "network", "ncc_train_means_accuracy": "NCC on clean train means"}
+        ),
+        method=df["regime"].map(_method_label),
+    )
+    cells = [
+        (s, k)
+        for s in ("test", "train")
+        for k in ("clean", "pgd")
+        if not df[(df["split"] == s) & (df["perturbation"] == k)].empty
+    ]
+    order = [_method_label(r) for r in _regime_order(list(df["regime"]))]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
+    classifiers = {"network": "#4c72b0", "NCC on clean train means": "#dd8452"}
+    for ax, (split, kind) in zip(axes.flat, cells, strict=True):
+        sub = df[(df["split"] == split) & (df["perturbation"] == kind)]
+        per_seed = sub.groupby(["method", "classifier", "seed"])["value"].mean()
+        stats = per_seed.groupby(level=[0, 1]).agg(["mean", "std"])
+        width = 0.8 / len(classifiers)
+        for j, (clf, colour) in enumerate(classifiers.items()):
+            if clf not in stats.index.get_level_values(1):
+                continue
+            st = stats.xs(clf, level=1).reindex(order)
+            pos = np.arange(len(order)) + (j - (len(classifiers) - 1) / 2) * width
+            ax.bar(pos, st["mean"], width, yerr=st["std"].fillna(0.0), capsize=3, color=colour, label=clf)
+        ax.set_xticks(np.arange(len(order)), order)
+        ax.set_title(f"{split} data, {PERTURBATION_LABELS[kind]}")
+        ax.set_xlabel("training method")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        handles, labels = ax.get_legend_handles_labels()
+    seeds = df["seed"].nunique()
+    return finish(
+        fig, f"{title} (epoch {int(df['epoch'].max())}, {seeds} seed(s), bars ±1 s.d.)", handles, labels
+    )
+
+
+LAYERWISE_NC1 = [("nc1", "NC1 = Tr(Σ_W Σ_B⁺)", True, "-")]
+LAYERWISE_NCC = [
+    ("ncc_accuracy_clean_means", "NCC with clean class means", False, "-"),
+    ("ncc_accuracy_own_means", "NCC with the data's own class means", False, "--"),
+]
+
+
+def _draw_layerwise(metrics: list[tuple[str, str, bool, str]], ylabel: str, what: str, scale: float = 1.0):
+    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+        title = _title(sel, what)
+        df = select(tables["layerwise"], sel)
+        if "split" in df.columns and (df["split"] == "train").any():
+            df = df[df["split"] == "train"]
+        df = _final(df[df["metric"].isin([m for m, *_ in metrics])])
+        if df.empty:
+            return empty_figure(title)
+        regimes = _regime_order(list(df["regime"]))
+        fig, axes = plt.subplots(
+            1, len(regimes), figsize=(4.4 * len(regimes), 3.6), squeeze=False, sharey=True
+        )
+        names = df.drop_duplicates("layer_index").sort_values("layer_index")
+        for ax, regime in zip(axes.flat, regimes, strict=True):
+            sub = df[df["regime"] == regime]
+            for metric, mlabel, logy, dash in metrics:
+                part = sub[sub["metric"] == metric].assign(value=lambda d: d["value"] * scale)
+                kinds = [k for k in PERTURBATION_LABELS if k in set(part["perturbation"])]
+                for k in kinds:
+                    lbl = PERTURBATION_LABELS[k] + ("" if len(metrics) == 1 else f", {mlabel}")
+                    mean_band(ax, part[part["perturbation"] == k], "layer_index", PALETTE[k], lbl, dash)
+                if logy and (part["value"] > 0).all():
+                    ax.set_yscale("log")
+            ax.set_xticks(names["layer_index"], names["layer"], rotation=60, ha="right", fontsize=7)
+            ax.set_xlabel("layer (input → output)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(_method_label(regime))
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        leg.remove()
-        fig.legend(handles, [PERTURBATION_LABELS.get(lb, lb) for lb in labels], loc="upper center",
-                   ncol=len(labels), bbox_to_anchor=(0.5, 1.02), frameon=False)
-    fig.suptitle(title, y=1.08)
-    fig.tight_layout()
-    return fig
+        return finish(
+            fig,
+            f"{title} (epoch {int(df['epoch'].max())}, {df['seed'].nunique()} seed(s))",
+            handles,
+            labels,
+            ncol=2,
+        )
+
+    return draw
 
 
-# --------------------------------------------------------------------------------------------- families
+TRAIN_LOG_PANELS = [
+    Panel(
+        "loss",
+        (
+            Series("training loss (method's objective)", "loss", None, None, "#1f77b4"),
+            Series("loss on the training-time adversarial batch", "robust_loss", None, None, "#d62728"),
+        ),
+    ),
+    Panel(
+        "accuracy (%)",
+        (
+            Series("train, clean (during epoch)", "train_acc", None, None, "#1f77b4", PCT),
+            Series("train, adversarial (during epoch)", "robust_acc", None, None, "#d62728", PCT),
+            Series("test, clean (end of epoch)", "test_acc", None, None, "#2ca02c", PCT),
+        ),
+    ),
+    Panel("learning rate", (Series("learning rate (end of epoch)", "lr", None, None, "#7f7f7f"),), log=True),
+]
+
+
+def _draw_training(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+    df = select(tables["train_logs"], sel)
+    long = _wide_to_long(
+        df,
+        ["dataset", "arch", "regime", "seed", "epoch"],
+        ["loss", "robust_loss", "train_acc", "robust_acc", "test_acc", "lr"],
+    )
+    return epoch_panels(long, TRAIN_LOG_PANELS, _title(sel, "Training curves"))
+
+
+# ------------------------------------------------------------------------------------------- registry
+RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
+ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
+RUN = "{dataset}__{arch}__{regime}"
+
+TABLES = {"metrics": paths.ALL_METRICS, "layerwise": paths.ALL_LAYERWISE, "train_logs": paths.ALL_TRAIN_LOGS}
+
+
 @dataclass(frozen=True)
 class Family:
-    names: Callable[[dict[str, Any]], list[str]]  # file stems (without extension) under results/figures
-    draw: Callable[[pd.DataFrame, str], plt.Figure | None]
-    caption: str
+    stem: str  # pattern over grid wildcards
+    table: str  # key of TABLES
+    draw: Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]
+    category: str  # report category
+    caption: str  # one line, also in --help and docs
+    needs: Callable[[dict[str, Any]], bool] = field(default=lambda config: True)
 
 
-def _run_keys(config: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    from .grid import runs, threats
-
-    keys = {(r.dataset, r.arch, r.regime, n, e) for r in runs(config) for n, e in threats(config)}
-    return sorted(keys)
+def _has_split(split: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda config: split in config["attack"]["splits"]
 
 
-def _nc_names(config: dict[str, Any]) -> list[str]:
-    return [f"{d}__{a}__{r}__{n}{e}" for d, a, r, n, e in _run_keys(config)]
-
-
-def _parse(name: str) -> dict[str, str]:
-    d, a, r, threat = name.split("__")
-    norm = "linf" if threat.startswith("linf") else "l2"
-    return {"dataset": d, "arch": a, "regime": r, "norm": norm, "epsilon": threat[len(norm):]}
-
-
-def _select(df: pd.DataFrame, sel: dict[str, str]) -> pd.DataFrame:
-    m = pd.Series(True, index=df.index)
-    for k, v in sel.items():
-        m &= df[k].astype(str) == str(v)
-    return df[m]
-
-
-def _draw_nc(df: pd.DataFrame, name: str) -> plt.Figure:
-    sel = _parse(name)
-    sub = _select(df, sel)
-    sub = sub[(sub["split"] == "train") & (sub["grouping"] == "true")]
-    method = sel["regime"].split("_")[0]
-    title = (f"{METHOD_LABELS.get(method, method)} — {sel['dataset']} / {sel['arch']} — train data, "
-             f"{sel['norm']} ε = {sel['epsilon']}/255")
-    return metric_vs_epoch(sub, NC_PANELS, title)
+def _has_kinds(*kinds: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda config: all(k in config["attack"]["kinds"] for k in kinds)
 
 
 FAMILIES: dict[str, Family] = {
     "nc_vs_epoch": Family(
-        _nc_names, _draw_nc,
-        "Neural-Collapse metrics against training epoch on the training set, for clean data and for each "
-        "perturbation kind (features grouped by true label); mean over seeds with a ±1 s.d. band.",
+        RUN_THREAT,
+        "metrics",
+        _draw_nc("train"),
+        "NC metrics vs epoch (train data)",
+        "NC1-NC4 and accuracy vs epoch on training data, clean and per perturbation kind (true labels).",
+        _has_split("train"),
+    ),
+    "nc_vs_epoch_test": Family(
+        RUN_THREAT,
+        "metrics",
+        _draw_nc("test"),
+        "NC metrics vs epoch (test data)",
+        "NC1-NC4 and accuracy vs epoch on test data, clean and per perturbation kind (true labels).",
+        _has_split("test"),
+    ),
+    "targeted_leap": Family(
+        RUN_THREAT,
+        "metrics",
+        _draw_leap,
+        "Leap: targeted attack",
+        "Targeted-PGD data grouped by target label vs clean data, and the angle between the clean mean of "
+        "class c and the mean of points targeted to c, vs epoch.",
+        lambda c: _has_split("train")(c) and _has_kinds("clean", "targeted")(c),
+    ),
+    "simplex_alignment": Family(
+        RUN_THREAT,
+        "metrics",
+        _draw_alignment,
+        "Simplex alignment",
+        "Angle and distance between clean and perturbed class means (centred, raw, global mean) vs epoch.",
+        lambda c: _has_split("train")(c) and "clean" in c["attack"]["kinds"],
+    ),
+    "ncc_vs_network": Family(
+        ARCH_THREAT,
+        "metrics",
+        _draw_ncc_bars,
+        "NCC classifier vs network",
+        "Final-epoch clean and PGD accuracy of the network and of the nearest clean-train-mean classifier, "
+        "per training method.",
+        _has_kinds("clean", "pgd"),
+    ),
+    "layerwise_nc1": Family(
+        ARCH_THREAT,
+        "layerwise",
+        _draw_layerwise(LAYERWISE_NC1, "NC1 = Tr(Σ_W Σ_B⁺)", "Layerwise NC1 on train data, final epoch"),
+        "Layerwise NC1",
+        "NC1 per layer of the final model, clean vs PGD training data, per method.",
+        lambda c: bool(c["layerwise"]["enabled"]),
+    ),
+    "layerwise_ncc_accuracy": Family(
+        ARCH_THREAT,
+        "layerwise",
+        _draw_layerwise(
+            LAYERWISE_NCC, "NCC accuracy (%)", "Layerwise NCC accuracy on train data, final epoch", PCT
+        ),
+        "Layerwise NCC accuracy",
+        "NCC accuracy per layer of the final model (clean class means, and the data's own means), clean vs "
+        "PGD training data, per method.",
+        lambda c: bool(c["layerwise"]["enabled"]),
+    ),
+    "training_curves": Family(
+        RUN,
+        "train_logs",
+        _draw_training,
+        "Training curves",
+        "Loss, clean/adversarial train accuracy, clean test accuracy and learning rate per epoch.",
     ),
 }
 
+_WILDCARD_RE = {
+    "dataset": r"[a-z0-9]+",
+    "arch": r"[a-z0-9]+",
+    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
+    "norm": r"linf|l2",
+    "eps": r"[0-9.]+",
+}
+
+
+def parse_stem(family: str, stem: str) -> dict[str, str]:
+    """The wildcards of a family's file stem (inverse of ``stem_wildcards``)."""
+    pattern = re.escape(FAMILIES[family].stem)
+    for k, rx in _WILDCARD_RE.items():
+        pattern = pattern.replace(re.escape("{" + k + "}"), f"(?P<{k}>{rx})")
+    m = re.fullmatch(pattern, stem)
+    if m is None:
+        raise ValueError(f"{stem!r} is not a {family} figure name ({FAMILIES[family].stem})")
+    return m.groupdict()
+
+
+def stem_wildcards(config: dict[str, Any], family: str) -> list[dict[str, str]]:
+    """One wildcard dict per figure of ``family`` in this config's grid."""
+    from .grid import runs, threats
+
+    fam = FAMILIES[family]
+    if not fam.needs(config):
+        return []
+    keys = set(re.findall(r"{(\w+)}", fam.stem))
+    out = set()
+    for r in runs(config):
+        for norm, eps in threats(config):
+            w = {"dataset": r.dataset, "arch": r.arch, "regime": r.regime, "norm": norm, "eps": eps}
+            out.add(tuple(sorted((k, v) for k, v in w.items() if k in keys)))
+    return [dict(t) for t in sorted(out)]
+
 
 def figure_stems(config: dict[str, Any], family: str) -> list[str]:
-    return FAMILIES[family].names(config)
+    return [FAMILIES[family].stem.format(**w) for w in stem_wildcards(config, family)]
 
 
-def draw_family(table: str | os.PathLike, family: str, stems: list[str], outdir: str, formats: list[str],
-                dpi: int = 150, context: str = "paper") -> list[str]:
-    sns.set_theme(context=context, style="whitegrid")
-    df = pd.read_csv(table)
+def figure_targets(config: dict[str, Any], tables: set[str] | None = None) -> list[str]:
+    """Every figure file of the config; with ``tables``, only families whose input table is produced."""
+    return [
+        paths.format_path(paths.FIGURE, name=f"{fam}/{stem}", ext=ext)
+        for fam, f in FAMILIES.items()
+        if tables is None or TABLES[f.table] in tables
+        for stem in figure_stems(config, fam)
+        for ext in config["figures"]["formats"]
+    ]
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def draw_family(
+    table: str | os.PathLike,
+    family: str,
+    stems: list[str],
+    outdir: str,
+    formats: list[str],
+    dpi: int = 150,
+    context: str = "paper",
+) -> list[str]:
+    """Draw the figures ``stems`` of ``family`` from ``table`` into ``outdir`` (one file per format)."""
+    # seaborn's look without importing seaborn (it pulls in scipy.stats: seconds per figure job)
+    plt.style.use("seaborn-v0_8-whitegrid")
+    plt.rcParams.update(
+        {
+            "font.size": FONT_SIZES[context],
+            "axes.titlesize": FONT_SIZES[context],
+            "axes.labelsize": FONT_SIZES[context],
+            "legend.fontsize": FONT_SIZES[context] - 1,
+            "xtick.labelsize": FONT_SIZES[context] - 1,
+            "ytick.labelsize": FONT_SIZES[context] - 1,
+        }
+    )
+    fam = FAMILIES[family]
+    tables = {fam.table: read_table(table)}
     out = []
     for stem in stems:
-        fig = FAMILIES[family].draw(df, stem)
-        if fig is None:
-            fig = plt.figure()
-            fig.text(0.5, 0.5, "no data for this figure in the table", ha="center")
+        sel = parse_stem(family, stem)
+        fig = fam.draw(tables, sel)
         out += save(fig, str(Path(outdir) / stem), formats, dpi)
     return out

@@ -43,7 +43,8 @@ STAGE_MODULES = {
     "features": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils"],
     "metrics": ["metrics", "evaluate", "io"],
     "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise"],
-    "figures": ["figures"],
+    "figures": ["figures", "paths"],
+    "tables": ["tables", "paths"],
 }
 
 
@@ -57,16 +58,36 @@ def checkpoint_outputs(wildcards=None):
 
 
 def figure_outputs():
-    from ncpipe.figures import FAMILIES, figure_stems
+    from ncpipe.figures import figure_targets
 
-    return [
-        paths.format_path(paths.FIGURE, name=f"{fam}/{stem}", ext=ext)
-        for fam in FAMILIES
-        for stem in figure_stems(config, fam)
-        for ext in config["figures"]["formats"]
-    ]
+    # only families whose input table some rule makes (the layerwise table comes with the layerwise rules)
+    produced = {str(o) for r in workflow.rules for o in r.output}
+    return figure_targets(config, produced)
 
 
 def all_targets():
+    from ncpipe.tables import table_targets
+
     layerwise = [paths.ALL_LAYERWISE] if config["layerwise"]["enabled"] else []
-    return [paths.ALL_METRICS, *layerwise, *figure_outputs()]
+    return [paths.ALL_METRICS, *layerwise, *figure_outputs(), *table_targets(config)]
+
+
+# A missing dataset fails here, before any job starts, naming the directory and files it expects (with
+# `data.download: true` the missing ones are fetched once, in this one process).  `onstart` does not run for
+# dry runs (`snakemake -n` plans the full grid with no data present) nor in cluster-submitted jobs.
+onstart:
+    from ncpipe.data import DatasetMissingError, ensure_datasets
+
+    try:
+        _needed = {
+            j.wildcards["dataset"]
+            for j in workflow.dag.needrun_jobs()
+            if (j.rule.name in ("train", "features") or j.rule.name.startswith("layerwise"))
+            and "dataset" in j.wildcards.keys()
+        }
+    except Exception:  # an internal API: if it moves, check every dataset of the config
+        _needed = set(config["datasets"])
+    try:
+        ensure_datasets(sorted(_needed & set(config["datasets"])), config["data"]["dir"], config["data"]["download"])
+    except DatasetMissingError as err:
+        raise WorkflowError(str(err)) from None

@@ -1,0 +1,183 @@
+"""Tables: the final-epoch accuracy table (CSV + LaTeX) and the aggregated per-run training logs.
+
+The accuracy table (paper.md T1 and the numbers behind F7) has one row per (architecture, training method)
+of a dataset and evaluation threat: clean and PGD accuracy of the network on train and test data and of the
+nearest-clean-class-mean classifier (NCC on clean *train* means) on test data, each as mean and s.d. over
+seeds, in percent, read at the final epoch from ``results/metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import paths
+from .utils import atomic_output
+
+ACCURACY_STEM = "accuracy_final__{dataset}__{norm}{eps}"
+# (column, split, perturbation, metric, header)
+ACCURACY_COLUMNS = [
+    ("train_clean", "train", "clean", "accuracy", "train clean"),
+    ("train_pgd", "train", "pgd", "accuracy", "train PGD"),
+    ("test_clean", "test", "clean", "accuracy", "test clean"),
+    ("test_pgd", "test", "pgd", "accuracy", "test PGD"),
+    ("ncc_test_clean", "test", "clean", "ncc_train_means_accuracy", "NCC test clean"),
+    ("ncc_test_pgd", "test", "pgd", "ncc_train_means_accuracy", "NCC test PGD"),
+]
+METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES"}
+NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
+
+
+def table_stems(config: dict[str, Any]) -> list[str]:
+    from .grid import threats
+
+    return [
+        ACCURACY_STEM.format(dataset=d, norm=n, eps=e) for d in config["datasets"] for n, e in threats(config)
+    ]
+
+
+def table_targets(config: dict[str, Any]) -> list[str]:
+    return [f"{paths.TABLE_DIR}/{s}.{ext}" for s in table_stems(config) for ext in ("csv", "tex")]
+
+
+def accuracy_table(metrics: pd.DataFrame, dataset: str, norm: str, eps: str) -> pd.DataFrame:
+    """Rows (arch, regime); columns ``<col>_mean``, ``<col>_sd`` (percent), ``seeds``, ``epoch``."""
+    df = metrics[
+        (metrics["dataset"].astype(str) == dataset)
+        & (metrics["norm"].astype(str) == norm)
+        & np.isclose(pd.to_numeric(metrics["epsilon"]).to_numpy(float), float(eps))
+        & (metrics["grouping"] == "true")
+    ]
+    rows = []
+    for (arch, regime), g in df.groupby(["arch", "regime"], sort=False):
+        final = int(g["epoch"].max())
+        g = g[g["epoch"] == final]
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "arch": arch,
+            "method": str(g["method"].iloc[0]),
+            "regime": regime,
+            "threat": f"{norm}{eps}",
+            "epoch": final,
+            "seeds": int(g["seed"].nunique()),
+        }
+        for col, split, kind, metric, _ in ACCURACY_COLUMNS:
+            v = g[(g["split"] == split) & (g["perturbation"] == kind) & (g["metric"] == metric)]
+            per_seed = v.groupby("seed")["value"].mean() * 100.0
+            row[f"{col}_mean"] = float(per_seed.mean()) if len(per_seed) else np.nan
+            row[f"{col}_sd"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else np.nan
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    order = {m: i for i, m in enumerate(METHOD_LABELS)}
+    out["_o"] = out["method"].map(order).fillna(9)
+    return out.sort_values(["arch", "_o", "regime"]).drop(columns="_o").reset_index(drop=True)
+
+
+def _cell(mean: float, sd: float) -> str:
+    if not np.isfinite(mean):
+        return "--"
+    return f"{mean:.1f}" if not np.isfinite(sd) else f"{mean:.1f} $\\pm$ {sd:.1f}"
+
+
+def to_latex(table: pd.DataFrame, dataset: str, norm: str, eps: str) -> str:
+    """A booktabs table: mean +- s.d. over seeds, in percent."""
+    cols = ACCURACY_COLUMNS
+    head = " & ".join(["Architecture", "Method", *[h for *_, h in cols]]) + r" \\"
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\begin{tabular}{ll" + "r" * len(cols) + "}",
+        r"\toprule",
+        head,
+        r"\midrule",
+    ]
+    for _, r in table.iterrows():
+        cells = [_cell(r[f"{c}_mean"], r[f"{c}_sd"]) for c, *_ in cols]
+        lines.append(
+            " & ".join(
+                [str(r["arch"]).replace("_", r"\_"), METHOD_LABELS.get(r["method"], r["method"]), *cells]
+            )
+            + r" \\"
+        )
+    epochs = sorted(set(table["epoch"])) if not table.empty else []
+    seeds = sorted(set(table["seeds"])) if not table.empty else []
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{dataset}: accuracy (\%) at epoch {', '.join(map(str, epochs))}, mean $\pm$ s.d. over "
+        rf"{', '.join(map(str, seeds))} seed(s); PGD and the NCC robust accuracy under "
+        rf"{NORM_TEX.get(norm, norm)} $\epsilon = {eps}/255$. NCC: nearest clean training class mean in "
+        r"the penultimate-layer feature space.}",
+        rf"\label{{tab:accuracy-{dataset}-{norm}{eps}}}",
+        r"\end{table}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_accuracy_tables(
+    metrics_csv: str | os.PathLike, stems: list[str], outdir: str | os.PathLike
+) -> list[str]:
+    metrics = pd.read_csv(metrics_csv)
+    out = []
+    for stem in stems:
+        m = re.fullmatch(r"accuracy_final__(?P<dataset>[a-z0-9]+)__(?P<norm>linf|l2)(?P<eps>[0-9.]+)", stem)
+        if m is None:
+            raise ValueError(f"{stem!r} is not an accuracy table name ({ACCURACY_STEM})")
+        t = accuracy_table(metrics, **m.groupdict())
+        base = Path(outdir) / stem
+        with atomic_output(f"{base}.csv") as tmp:
+            t.to_csv(tmp, index=False, float_format="%.4g")
+        with atomic_output(f"{base}.tex") as tmp:
+            Path(tmp).write_text(to_latex(t, **m.groupdict()))
+        out += [f"{base}.csv", f"{base}.tex"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- training logs
+RUN_COLUMNS = ["dataset", "arch", "regime", "method", "seed"]
+
+
+def _run_regex() -> re.Pattern[str]:
+    # the inverse of paths.TRAIN_LOG, so a log's run identity comes from where the workflow wrote it
+    rx = re.escape(paths.TRAIN_LOG)
+    for k in ("dataset", "arch", "regime", "seed"):
+        rx = rx.replace(re.escape("{" + k + "}"), f"(?P<{k}>[^/]+)")
+    return re.compile(rf"(?:.*/)?{rx}")
+
+
+def aggregate_train_logs(logs: list[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate per-run ``train_log.csv`` files with their run identity (RUN_COLUMNS first)."""
+    rx = _run_regex()
+    frames = []
+    for p in logs:
+        m = rx.fullmatch(Path(p).as_posix())
+        if m is None:
+            raise ValueError(f"{p} is not a training log path ({paths.TRAIN_LOG})")
+        ident = m.groupdict()
+        df = pd.read_csv(p)
+        frames.append(
+            df.assign(
+                dataset=ident["dataset"],
+                arch=ident["arch"],
+                regime=ident["regime"],
+                method=ident["regime"].split("_")[0],
+                seed=int(ident["seed"]),
+            )
+        )
+    if not frames:  # the log's own columns (ncpipe.train.LOG_COLUMNS) are kept as written, in their order
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)
+    return (
+        out[[*RUN_COLUMNS, *[c for c in out.columns if c not in RUN_COLUMNS]]]
+        .sort_values([*RUN_COLUMNS, "epoch"], kind="stable")
+        .reset_index(drop=True)
+    )
