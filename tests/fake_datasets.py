@@ -63,18 +63,37 @@ def write_cifar10(root: Path, per_batch: int = 20, test: int = 20) -> tuple[np.n
     xs, ys = [], []
     for b in range(5):
         x, y = cifar_images(per_batch, 10, offset=b * per_batch)
-        _dump(folder / f"data_batch_{b + 1}", {b"batch_label": f"training batch {b + 1} of 5".encode(),
-                                                 b"labels": y.tolist(), b"data": x.reshape(len(x), -1),
-                                                 b"filenames": [b"img.png"] * len(x)})
+        _dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                b"batch_label": f"training batch {b + 1} of 5".encode(),
+                b"labels": y.tolist(),
+                b"data": x.reshape(len(x), -1),
+                b"filenames": [b"img.png"] * len(x),
+            },
+        )
         xs.append(x)
         ys.append(y)
     x, y = cifar_images(test, 10, offset=5 * per_batch)
-    _dump(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": y.tolist(),
-                                  b"data": x.reshape(len(x), -1)})
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
-             b"truck"]
-    _dump(folder / "batches.meta",
-          {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    _dump(
+        folder / "test_batch",
+        {b"batch_label": b"testing batch 1 of 1", b"labels": y.tolist(), b"data": x.reshape(len(x), -1)},
+    )
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    _dump(
+        folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    )
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -83,13 +102,22 @@ def write_cifar100(root: Path, train: int = 200, test: int = 100) -> tuple[np.nd
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     x, y = cifar_images(train, 100)
-    _dump(folder / "train", {b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(),
-                             b"data": x.reshape(len(x), -1)})
+    _dump(
+        folder / "train",
+        {b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x.reshape(len(x), -1)},
+    )
     xt, yt = cifar_images(test, 100, offset=train)
-    _dump(folder / "test", {b"fine_labels": yt.tolist(), b"coarse_labels": (yt // 5).tolist(),
-                            b"data": xt.reshape(len(xt), -1)})
-    _dump(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                            b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+    _dump(
+        folder / "test",
+        {b"fine_labels": yt.tolist(), b"coarse_labels": (yt // 5).tolist(), b"data": xt.reshape(len(xt), -1)},
+    )
+    _dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+        },
+    )
     return x, y
 
 

@@ -99,14 +99,20 @@ def test_imagenette_imagefolder_centre_crop_and_cache(tmp_path):
     assert len(data.load_dataset("imagenette", tmp_path).y_test) == 8
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "download: true"]),
-    ("cifar100", ["cifar-100-python", "train, test, meta"]),
-    ("imagenette", ["imagenette2-160/train/<class>", "imagenette2-160/val"]),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "download: true"]),
+        ("cifar100", ["cifar-100-python", "train, test, meta"]),
+        ("imagenette", ["imagenette2-160/train/<class>", "imagenette2-160/val"]),
+    ],
+)
 def test_missing_dataset_message_names_directory_and_files(tmp_path, name, expected):
-    for call in (lambda: data.check_dataset(name, tmp_path), lambda: data.load_dataset(name, tmp_path),
-                 lambda: data.ensure_datasets([name], tmp_path, download=False)):
+    for call in (
+        lambda: data.check_dataset(name, tmp_path),
+        lambda: data.load_dataset(name, tmp_path),
+        lambda: data.ensure_datasets([name], tmp_path, download=False),
+    ):
         with pytest.raises(data.DatasetMissingError) as err:
             call()
         msg = str(err.value)
@@ -129,8 +135,15 @@ def test_loaded_data_runs_through_its_model_variant(tmp_path, name, arch):
     write_cifar10(tmp_path, per_batch=2, test=2)
     write_imagefolder(tmp_path, {"train": 1, "val": 1})
     d = data.load_dataset(name, tmp_path)
-    net = build_model(arch, num_classes=d.num_classes, in_channels=d.in_channels, mean=d.mean, std=d.std,
-                      width=0.125, stem=d.stem).eval()
+    net = build_model(
+        arch,
+        num_classes=d.num_classes,
+        in_channels=d.in_channels,
+        mean=d.mean,
+        std=d.std,
+        width=0.125,
+        stem=d.stem,
+    ).eval()
     with torch.no_grad():
         out = net(data.to_float(d.x_train[:2]))
     assert out.shape == (2, d.num_classes)

@@ -1,0 +1,295 @@
+"""Figure families and tables against synthetic tidy tables with the real columns (synthetic_tables.py)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from ncpipe import figures, paths, tables
+from ncpipe.config import load_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_tables import (  # noqa: E402
+    METRICS_COLUMNS,
+    layerwise_frame,
+    metrics_frame,
+    train_logs_frame,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_DIR = ROOT / "workflow" / "report"
+
+
+def _row(**kw) -> dict:
+    base = {
+        "dataset": "cifar10",
+        "arch": "vgg11bn",
+        "method": "st",
+        "norm": "linf",
+        "epsilon": 8.0,
+        "seed": 1,
+        "epoch": 1,
+        "split": "train",
+        "perturbation": "clean",
+        "grouping": "true",
+        "metric": "nc1",
+        "value": 1.0,
+        "regime": "st",
+    }
+    return {**base, **kw}
+
+
+def _axis(fig: plt.Figure, ylabel_start: str) -> plt.Axes:
+    (ax,) = [a for a in fig.axes if a.get_ylabel().startswith(ylabel_start)]
+    return ax
+
+
+def _line(ax: plt.Axes, label: str):
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    return line
+
+
+def test_stems_round_trip_and_do_not_collide_across_paper_configs():
+    stems = {}
+    for name in ("paper", "paper_l2", "imagenette"):
+        cfg = load_config(ROOT / "config" / f"{name}.yaml")
+        for fam in figures.FAMILIES:
+            for stem in figures.figure_stems(cfg, fam):
+                w = figures.parse_stem(fam, stem)
+                assert figures.FAMILIES[fam].stem.format(**w) == stem
+                stems.setdefault((fam, stem), set()).add(name)
+    # every evaluated figure names its threat, so the l_inf and l_2 grids never write the same file; only the
+    # training curves of the shared ST runs coincide (same runs, same content)
+    shared = {k for k, v in stems.items() if len(v) > 1}
+    assert shared == {
+        ("training_curves", f"{d}__{a}__st")
+        for d in ("cifar10", "cifar100")
+        for a in ("vgg11bn", "preactresnet18")
+    }
+    main = load_config(ROOT / "config" / "paper.yaml")
+    assert len(figures.figure_stems(main, "nc_vs_epoch")) == 2 * 2 * 3  # dataset x arch x method, one threat
+    assert len(figures.figure_stems(main, "ncc_vs_network")) == 4
+    assert figures.parse_stem("nc_vs_epoch", "cifar100__preactresnet18__trades_l2128__l2128") == {
+        "dataset": "cifar100",
+        "arch": "preactresnet18",
+        "regime": "trades_l2128",
+        "norm": "l2",
+        "eps": "128",
+    }
+    with pytest.raises(ValueError, match="not a nc_vs_epoch figure name"):
+        figures.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__linf8")
+
+
+def test_select_matches_epsilon_as_a_number():
+    df = pd.DataFrame([_row(epsilon=8.0), _row(epsilon=16.0), _row(epsilon=8, arch="preactresnet18")])
+    assert len(figures.select(df, {"eps": "8", "norm": "linf"})) == 2
+    assert len(figures.select(df, {"eps": "8", "arch": "vgg11bn"})) == 1
+
+
+def test_nc_curves_are_seed_means_with_sd_band_on_log_axis():
+    # two seeds: NC1 = 1 and 3 at epoch 1, 0.1 and 0.3 at epoch 2 -> means 2 and 0.2, s.d. sqrt(2), sqrt(2)/10
+    rows = [
+        _row(seed=s, epoch=e, value=v) for s, e, v in [(1, 1, 1.0), (2, 1, 3.0), (1, 2, 0.1), (2, 2, 0.3)]
+    ]
+    rows += [
+        _row(seed=1, epoch=1, perturbation="pgd", value=5.0),
+        _row(seed=1, epoch=2, perturbation="pgd", value=6.0),
+    ]
+    rows += [_row(seed=1, epoch=1, metric="accuracy", value=0.25)]
+    rows += [_row(seed=1, epoch=1, split="test", value=99.0)]  # another split: must not leak in
+    fig = figures.FAMILIES["nc_vs_epoch"].draw(
+        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8")
+    )
+    ax = _axis(fig, "NC1")
+    assert ax.get_yscale() == "log"
+    clean = _line(ax, "clean")
+    np.testing.assert_allclose(clean.get_xdata(), [1, 2])
+    np.testing.assert_allclose(clean.get_ydata(), [2.0, 0.2])
+    band = [
+        c
+        for c in ax.collections
+        if np.allclose(
+            c.get_facecolor()[0][:3],
+            clean.get_color()[:3]
+            if not isinstance(clean.get_color(), str)
+            else plt.matplotlib.colors.to_rgb(clean.get_color()),
+        )
+    ]
+    verts = band[0].get_paths()[0].vertices
+    assert np.isclose(verts[:, 1].max(), 2 + math.sqrt(2)) and np.isclose(
+        verts[:, 1].min(), 0.2 - 0.1 * math.sqrt(2)
+    )
+    np.testing.assert_allclose(_line(ax, "PGD (untargeted)").get_ydata(), [5.0, 6.0])
+    np.testing.assert_allclose(_line(_axis(fig, "network accuracy (%)"), "clean").get_ydata(), [25.0])
+    assert "ST" in fig._suptitle.get_text() and "ε = 8/255" in fig._suptitle.get_text()
+    assert "cifar10 / vgg11bn" in fig._suptitle.get_text()
+    legend_texts = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
+    assert legend_texts == {"clean", "PGD (untargeted)"}
+    plt.close(fig)
+
+
+def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
+    rows = [
+        _row(perturbation="targeted", grouping="target", metric="align_angle_centred", value=math.pi / 2),
+        _row(perturbation="targeted", grouping="true", metric="align_angle_centred", value=0.1),
+        _row(perturbation="targeted", grouping="target", metric="nc1", value=0.5),
+        _row(perturbation="pgd", grouping="predicted", metric="nc1", value=0.7),
+    ]
+    fig = figures.FAMILIES["targeted_leap"].draw(
+        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("targeted_leap", "cifar10__vgg11bn__st__linf8")
+    )
+    ax = _axis(fig, "∠(clean mean of c")
+    assert "degrees" in ax.get_ylabel()
+    np.testing.assert_allclose(_line(ax, "angle, centred means").get_ydata(), [90.0])
+    nc1 = _axis(fig, "NC1")
+    np.testing.assert_allclose(_line(nc1, "targeted PGD, by target label").get_ydata(), [0.5])
+    np.testing.assert_allclose(_line(nc1, "untargeted PGD, by predicted label").get_ydata(), [0.7])
+    plt.close(fig)
+
+
+def test_ncc_bars_show_final_epoch_test_accuracy_per_method_in_percent():
+    rows = []
+    for regime, net, ncc in [("st", 0.0, 0.02), ("at_linf8", 0.40, 0.38)]:
+        for seed, jitter in [(1, -0.02), (2, 0.02)]:
+            for metric, v in [("accuracy", net), ("ncc_train_means_accuracy", ncc)]:
+                rows.append(
+                    _row(
+                        regime=regime,
+                        method=regime[:2].strip("_"),
+                        seed=seed,
+                        epoch=4,
+                        split="test",
+                        perturbation="pgd",
+                        metric=metric,
+                        value=v + jitter,
+                    )
+                )
+                rows.append(
+                    _row(
+                        regime=regime,
+                        seed=seed,
+                        epoch=2,
+                        split="test",
+                        perturbation="pgd",
+                        metric=metric,
+                        value=0.99,
+                    )
+                )  # an earlier epoch: ignored
+    fig = figures.FAMILIES["ncc_vs_network"].draw(
+        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("ncc_vs_network", "cifar10__vgg11bn__linf8")
+    )
+    (ax,) = fig.axes
+    assert ax.get_title() == "test data, PGD (untargeted)"
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    np.testing.assert_allclose(heights, [0.0, 2.0, 38.0, 40.0], atol=1e-9)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ST", "AT (PGD) [linf8]"]
+    assert "epoch 4" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
+    src = {
+        "metrics": metrics_frame(epochs=(1, 4), seeds=(1, 2)),
+        "layerwise": layerwise_frame(seeds=(1, 2)),
+        "train_logs": train_logs_frame(epochs=6),
+    }
+    files = {}
+    for key, df in src.items():
+        files[key] = tmp_path / f"{key}.csv"
+        df.to_csv(files[key], index=False)
+    stems = {
+        figures.RUN_THREAT: "cifar10__vgg11bn__at_linf8__linf8",
+        figures.ARCH_THREAT: "cifar10__vgg11bn__linf8",
+        figures.RUN: "cifar10__vgg11bn__at_linf8",
+    }
+    for fam, f in figures.FAMILIES.items():
+        (out,) = figures.draw_family(
+            files[f.table], fam, [stems[f.stem]], str(tmp_path / fam), ["png"], dpi=40
+        )
+        head = Path(out).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", fam
+        assert (REPORT_DIR / f"{fam}.rst").is_file(), f"no report caption for {fam}"
+
+
+def test_missing_rows_give_a_placeholder_not_a_crash(tmp_path):
+    path = tmp_path / "m.csv"
+    pd.DataFrame(columns=METRICS_COLUMNS).to_csv(path, index=False)
+    for fam in ("nc_vs_epoch", "ncc_vs_network"):
+        stem = figures.figure_stems(load_config(ROOT / "config" / "config.yaml"), fam)[0]
+        (out,) = figures.draw_family(path, fam, [stem], str(tmp_path), ["png"], dpi=40)
+        assert Path(out).stat().st_size > 0
+
+
+def test_accuracy_table_mean_and_sd_over_seeds():
+    rows = []
+    for seed, v in [(1, 0.5), (2, 0.7)]:
+        rows.append(_row(seed=seed, epoch=10, split="test", perturbation="clean", metric="accuracy", value=v))
+        rows.append(
+            _row(
+                seed=seed,
+                epoch=10,
+                split="test",
+                perturbation="pgd",
+                metric="ncc_train_means_accuracy",
+                value=0.1,
+            )
+        )
+        rows.append(
+            _row(seed=seed, epoch=5, split="test", perturbation="clean", metric="accuracy", value=0.0)
+        )
+    rows.append(
+        _row(
+            seed=1,
+            epoch=10,
+            split="test",
+            perturbation="clean",
+            metric="accuracy",
+            value=0.9,
+            dataset="cifar100",
+        )
+    )
+    t = tables.accuracy_table(pd.DataFrame(rows), "cifar10", "linf", "8")
+    assert len(t) == 1 and t.loc[0, "epoch"] == 10 and t.loc[0, "seeds"] == 2
+    assert np.isclose(t.loc[0, "test_clean_mean"], 60.0)
+    assert np.isclose(t.loc[0, "test_clean_sd"], math.sqrt(200))  # sample s.d. of 50 and 70
+    assert np.isclose(t.loc[0, "ncc_test_pgd_mean"], 10.0) and np.isclose(t.loc[0, "ncc_test_pgd_sd"], 0.0)
+    assert np.isnan(t.loc[0, "train_pgd_mean"])
+    tex = tables.to_latex(t, "cifar10", "linf", "8")
+    assert r"60.0 $\pm$ 14.1" in tex and r"\toprule" in tex and "--" in tex
+    assert r"$\ell_\infty$ $\epsilon = 8/255$" in tex
+
+
+def test_train_logs_get_their_run_identity_from_the_path(tmp_path):
+    logs = []
+    for regime, seed in [("st", 1), ("at_linf8", 2)]:
+        p = tmp_path / paths.format_path(
+            paths.TRAIN_LOG, dataset="cifar10", arch="vgg11bn", regime=regime, seed=seed
+        )
+        p.parent.mkdir(parents=True)
+        pd.DataFrame(
+            {
+                "epoch": [1, 2],
+                "lr": [0.1, 0.1],
+                "loss": [2.0, 1.0],
+                "train_acc": [0.1, 0.2],
+                "robust_loss": [np.nan] * 2,
+                "robust_acc": [np.nan] * 2,
+                "test_acc": [0.1, 0.1],
+                "seconds": [1.0, 1.0],
+            }
+        ).to_csv(p, index=False)
+        logs.append(p)
+    df = tables.aggregate_train_logs(logs)
+    assert list(df.columns[:5]) == tables.RUN_COLUMNS
+    assert df.groupby(["regime", "method", "seed"]).size().to_dict() == {
+        ("at_linf8", "at", 2): 2,
+        ("st", "st", 1): 2,
+    }
+    with pytest.raises(ValueError, match="not a training log path"):
+        tables.aggregate_train_logs([tmp_path / "elsewhere.csv"])
