@@ -112,6 +112,22 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def _add_class_sums(sums: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul: bool | None = None) -> None:
+    """sums[c] += sum of the rows of x labelled c, in place, deterministically.
+
+    ``index_add_`` on the CPU; on accelerators it uses atomics (run-to-run differences, and a warning under
+    ``torch.use_deterministic_algorithms``), so there a one-hot matmul is used: deterministic, and cheap.
+    """
+    if matmul is None:
+        matmul = x.device.type != "cpu"
+    if not matmul:
+        sums.index_add_(0, y, x)
+        return
+    onehot = torch.zeros(sums.shape[0], len(y), dtype=x.dtype, device=x.device)
+    onehot[y, torch.arange(len(y), device=x.device)] = 1.0
+    sums += onehot @ x
+
+
 def _chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, dim))
 
@@ -291,7 +307,7 @@ class ClassStats:
         if x.shape[1] != self._sums.shape[1]:
             raise ValueError(f"feature dimension changed from {self._sums.shape[1]} to {x.shape[1]}")
         y = _labels(labels, x.shape[0], self.num_classes, self.device)
-        self._sums.index_add_(0, y, x)
+        _add_class_sums(self._sums, x, y)
         self._counts += torch.bincount(y, minlength=self.num_classes)
 
     @property

@@ -289,6 +289,17 @@ def test_class_means_and_ncc_predict_known_answers() -> None:
     assert metrics.ncc_predict(torch.tensor([[0.0, 0.0]]), torch.from_numpy(means)).tolist() == [0]
 
 
+def test_class_sums_one_hot_path_equals_index_add() -> None:
+    # the one-hot matmul is what accelerators use (deterministic); check it here on the CPU
+    rng = np.random.default_rng(0)
+    x, y = torch.from_numpy(rng.normal(size=(50, 6))), torch.from_numpy(rng.integers(0, 4, 50))
+    a, b = torch.zeros(5, 6, dtype=torch.float64), torch.zeros(5, 6, dtype=torch.float64)
+    metrics._add_class_sums(a, x, y, matmul=False)
+    metrics._add_class_sums(b, x, y, matmul=True)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    assert float(a[4].abs().sum()) == 0.0
+
+
 def test_ncc_predict_chunked_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 1000)  # 15 rows per chunk, a ragged last one
     rng = np.random.default_rng(0)
