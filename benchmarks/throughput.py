@@ -6,8 +6,8 @@
 Stages: ST training, PGD-10 adversarial training (AT), PGD-10 attack (eval mode), feature extraction.
 
 * fast path: the whole uint8 split resident on the device, shuffled and batched there (as ncpipe.train
-  does), bf16 autocast and channels_last on CUDA (config ``runtime.amp`` / ``runtime.channels_last``; no-ops on
-  CPU, where bf16 has no speed-up), optional torch.compile (``--compile``);
+  does), bf16 autocast and channels_last on CUDA (config ``runtime.amp`` / ``runtime.channels_last``; no-ops
+  on CPU, where bf16 has no speed-up), optional torch.compile (``--compile``);
 * baseline path: the authors' loop as the reference describes it: fp32, a DataLoader with one worker feeding
   normalised float batches from host memory, NCHW.
 
