@@ -11,10 +11,14 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+# torch is imported inside the functions that need it: the workflow's parse step and the figure/table stages
+# import this module, and a torch import costs seconds on every `snakemake` invocation.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ncpipe")
 
@@ -84,6 +88,8 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     Stored inside checkpoints at write time: torch.load happily returns tensors whose bytes were damaged on
     disk (it checks no CRC), so a flipped bit would otherwise reach the features silently.
     """
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -100,10 +106,14 @@ def spec_hash(spec: dict[str, Any]) -> str:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
+    import torch
+
     torch.manual_seed(seed)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    import torch
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)
@@ -117,6 +127,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 def set_threads(n: int | None) -> None:
     """Respect Snakemake's ``threads:`` so concurrent jobs do not oversubscribe the cores."""
     if n:
+        import torch
+
         torch.set_num_threads(int(n))
 
 

@@ -1,0 +1,155 @@
+"""Exact reruns: after a completed miniature run, `snakemake -n` plans exactly the jobs that a change affects.
+
+One real run of the whole workflow (one 0.1-width VGG, standard training, 2 epochs, 5 images per class, one
+epsilon, clean + PGD on the train split) in a temporary directory holding copies of ``workflow/`` and of the
+package sources that the rules declare as inputs (so editing them here never touches the repository); then one
+dry run per change, parsed from the per-job listing and the ``Job stats`` table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+MINI: dict[str, Any] = {
+    "data": {"train_per_class": 5, "test_per_class": 5},
+    "datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["st"], "seeds": [1],
+    "model": {"width": 0.1},
+    "train": {"epochs": 2, "checkpoints": [1, 2], "batch_size": 25, "lr": 0.05},
+    "attack": {"threats": {"linf": {"epsilons": [64], "step": 32, "steps": 2}}, "kinds": ["clean", "pgd"],
+               "splits": ["train"]},
+    "layerwise": {"enabled": False},
+    "figures": {"formats": ["png"], "dpi": 50},
+    "runtime": {"device": "cpu"},
+}
+
+
+# rules with one job per (run, checkpoint, threat) cell; everything else aggregates
+PER_CELL = {"features", "metrics"}
+FIGURES_OF_METRICS = {"figure_nc_vs_epoch", "figure_ncc_vs_network", "figure_simplex_alignment"}
+
+
+def snakemake(root: Path, config: dict[str, Any], *args: str) -> str:
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run([SNAKEMAKE, *args, "--configfile", "run.yaml"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    return out
+
+
+def plan(root: Path, config: dict[str, Any]) -> tuple[Counter[str], list[tuple[str, dict[str, str]]]]:
+    """(jobs per rule from the `Job stats` table, [(rule, wildcards)] of every planned job) of a dry run."""
+    out = snakemake(root, config, "-n", "--cores", "1")
+    if "Nothing to be done" in out:
+        return Counter(), []
+    table = out[out.index("Job stats:"):]
+    counts: Counter[str] = Counter()
+    for line in table.splitlines()[3:]:
+        name, n = line.split()
+        if name == "total":
+            break
+        counts[name] = int(n)
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in out.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append((m.group(1), {}))
+        elif (m := re.match(r"^\s+wildcards: (.*)$", line)) and jobs:
+            jobs[-1][1].update(kv.split("=", 1) for kv in m.group(1).split(", "))
+    assert Counter(rule for rule, _ in jobs) == counts, "job listing and Job stats disagree"
+    return counts, jobs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reruns")
+    shutil.copytree(REPO / "workflow", root / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "ncpipe").mkdir()
+    for src in (REPO / "ncpipe").glob("*.py"):
+        shutil.copy2(src, root / "ncpipe" / src.name)
+    snakemake(root, MINI, "--cores", "2")
+    assert (root / "results" / "metrics.csv").exists()
+    return root
+
+
+def with_changes(**changes: Any) -> dict[str, Any]:
+    """A copy of MINI with dotted keys replaced."""
+    cfg = copy.deepcopy(MINI)
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        node = cfg
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return cfg
+
+
+def test_completed_run_plans_nothing_even_after_touching_the_code(workdir):
+    """A bare `touch` of every package module (newer mtime, same content) reruns nothing."""
+    later = (workdir / "results" / "metrics.csv").stat().st_mtime + 60
+    for src in (workdir / "ncpipe").glob("*.py"):
+        os.utime(src, (later, later))
+    counts, _ = plan(workdir, MINI)
+    assert counts == Counter()
+
+
+def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
+    cfg = with_changes(attack__threats={"linf": {"epsilons": [64, 32], "step": 32, "steps": 2}})
+    counts, jobs = plan(workdir, cfg)
+    assert counts["features"] == 2 and counts["metrics"] == 2  # one per checkpoint epoch, both at eps 32
+    assert all(wc["eps"] == "32" for rule, wc in jobs if rule in PER_CELL), jobs
+    assert "train" not in counts and "train_logs" not in counts, counts
+    # the rest hangs off the aggregated table (figures of every epsilon read it); the training-log figure not
+    assert set(counts) - PER_CELL <= {"aggregate", "all", "accuracy_table"} | FIGURES_OF_METRICS, counts
+    assert counts["aggregate"] == 1
+    assert "figure_training_curves" not in counts
+
+
+def test_adding_a_seed_plans_only_that_seeds_jobs(workdir):
+    counts, jobs = plan(workdir, with_changes(seeds=[1, 2]))
+    assert counts["train"] == 1 and counts["features"] == 2 and counts["metrics"] == 2, counts
+    assert all(wc["seed"] == "2" for rule, wc in jobs if rule in PER_CELL | {"train"}), jobs
+    assert counts["aggregate"] == 1
+
+
+def test_changing_a_figure_option_plans_only_figures(workdir):
+    counts, _ = plan(workdir, with_changes(figures={"formats": ["png"], "dpi": 60}))
+    assert counts, "the dpi is a param of the figure rules: they must rerun"
+    assert all(rule.startswith("figure_") or rule == "all" for rule in counts), counts
+
+
+def test_changing_an_attack_parameter_never_retrains(workdir):
+    more_steps = {"linf": {"epsilons": [64], "step": 32, "steps": 3}}
+    counts, _ = plan(workdir, with_changes(attack__threats=more_steps))
+    assert counts["features"] == 2 and "train" not in counts, counts
+
+
+@pytest.mark.parametrize(("module", "expected", "forbidden"), [
+    ("models.py", {"train"}, set()),
+    ("metrics.py", {"metrics", "aggregate"}, {"train", "features"}),
+])
+def test_editing_a_stage_module_reruns_that_stage(workdir, module, expected, forbidden):
+    src = workdir / "ncpipe" / module
+    original = src.read_bytes()
+    try:
+        src.write_bytes(original + b"\n# an edit\n")
+        counts, _ = plan(workdir, MINI)
+        assert expected <= set(counts), counts
+        assert not forbidden & set(counts), counts
+    finally:
+        src.write_bytes(original)
