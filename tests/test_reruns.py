@@ -3,11 +3,13 @@
 One real run of the whole workflow (one 0.1-width VGG, standard training, 2 epochs, 5 images per class, one
 epsilon, clean + PGD on the train split) in a temporary directory holding copies of ``workflow/`` and of the
 package sources that the rules declare as inputs (so editing them here never touches the repository); then one
-dry run per change, parsed from the per-job listing and the ``Job stats`` table.
+dry run per change, parsed from the per-job listing and the ``Job stats`` table (these are marked slow).
+A fast static check verifies that each stage declares, as inputs, every package module its code imports.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import re
@@ -20,8 +22,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
@@ -99,6 +99,7 @@ def with_changes(**changes: Any) -> dict[str, Any]:
     return cfg
 
 
+@pytest.mark.slow
 def test_completed_run_plans_nothing_even_after_touching_the_code(workdir):
     """A bare `touch` of every package module (newer mtime, same content) reruns nothing."""
     later = (workdir / "results" / "metrics.csv").stat().st_mtime + 60
@@ -108,6 +109,7 @@ def test_completed_run_plans_nothing_even_after_touching_the_code(workdir):
     assert counts == Counter()
 
 
+@pytest.mark.slow
 def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
     cfg = with_changes(attack__threats={"linf": {"epsilons": [64, 32], "step": 32, "steps": 2}})
     counts, jobs = plan(workdir, cfg)
@@ -120,6 +122,7 @@ def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
     assert "figure_training_curves" not in counts
 
 
+@pytest.mark.slow
 def test_adding_a_seed_plans_only_that_seeds_jobs(workdir):
     counts, jobs = plan(workdir, with_changes(seeds=[1, 2]))
     assert counts["train"] == 1 and counts["features"] == 2 and counts["metrics"] == 2, counts
@@ -127,18 +130,21 @@ def test_adding_a_seed_plans_only_that_seeds_jobs(workdir):
     assert counts["aggregate"] == 1
 
 
+@pytest.mark.slow
 def test_changing_a_figure_option_plans_only_figures(workdir):
     counts, _ = plan(workdir, with_changes(figures={"formats": ["png"], "dpi": 60}))
     assert counts, "the dpi is a param of the figure rules: they must rerun"
     assert all(rule.startswith("figure_") or rule == "all" for rule in counts), counts
 
 
+@pytest.mark.slow
 def test_changing_an_attack_parameter_never_retrains(workdir):
     more_steps = {"linf": {"epsilons": [64], "step": 32, "steps": 3}}
     counts, _ = plan(workdir, with_changes(attack__threats=more_steps))
     assert counts["features"] == 2 and "train" not in counts, counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("module", "expected", "forbidden"), [
     ("models.py", {"train"}, set()),
     ("metrics.py", {"metrics", "aggregate"}, {"train", "features"}),
@@ -153,3 +159,53 @@ def test_editing_a_stage_module_reruns_that_stage(workdir, module, expected, for
         assert not forbidden & set(counts), counts
     finally:
         src.write_bytes(original)
+
+
+# ------------------------------------------------------------------------------ the declared code inputs
+STAGE_ENTRY = {"train": "train", "features": "extract", "metrics": "evaluate", "layerwise": "layerwise",
+               "figures": "figures", "tables": "tables"}
+
+
+def package_imports(module: str) -> set[str]:
+    """ncpipe modules that ``module`` imports anywhere in its source (function-level imports included)."""
+    pkg = REPO / "ncpipe"
+    found = set()
+    for node in ast.walk(ast.parse((pkg / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:  # from . import x, __version__
+                found.update(a.name for a in node.names if (pkg / f"{a.name}.py").exists())
+                found.update("__init__" for a in node.names if a.name == "__version__")
+    return found
+
+
+def import_closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(package_imports(m))
+    return seen
+
+
+def stage_modules() -> dict[str, list[str]]:
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    m = re.search(r"^STAGE_MODULES = (\{.*?^\})", text, re.S | re.M)
+    assert m, "STAGE_MODULES not found in common.smk"
+    return ast.literal_eval(m.group(1))
+
+
+def test_package_imports_sees_function_level_imports():
+    assert {"train", "io", "utils"} <= package_imports("extract")
+    assert "grid" in import_closure("layerwise") and "paths" in import_closure("layerwise")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
+def test_each_stage_declares_every_module_it_imports(stage):
+    """Editing any module a stage's code reaches must rerun that stage; a module missing here would not."""
+    declared = stage_modules()[stage]
+    missing = import_closure(STAGE_ENTRY[stage]) - set(declared)
+    assert not missing, f"STAGE_MODULES[{stage!r}] in common.smk lacks {sorted(missing)}"
+    assert all((REPO / "ncpipe" / f"{m}.py").exists() for m in declared), declared

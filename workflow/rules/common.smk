@@ -41,10 +41,11 @@ wildcard_constraints:
 STAGE_MODULES = {
     "train": ["__init__", "data", "models", "attacks", "train", "utils"],
     "features": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils"],
-    "metrics": ["metrics", "evaluate", "io"],
-    "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise"],
-    "figures": ["figures", "paths"],
-    "tables": ["tables", "paths"],
+    "metrics": ["metrics", "evaluate", "io", "utils"],
+    "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise",
+                  "grid", "paths"],
+    "figures": ["figures", "paths", "grid", "utils"],
+    "tables": ["tables", "paths", "grid", "utils"],
 }
 
 
