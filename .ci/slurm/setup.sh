@@ -5,11 +5,12 @@
 #
 # What it does, in order (every step is skipped when already done, so running it twice is safe):
 #   1. apt-installs slurm-wlm, munge, slurmdbd, mariadb-server (without letting the packages start services);
-#   2. starts munged, MariaDB and slurmdbd, and registers cluster/account/users with sacctmgr;
-#   3. writes /etc/slurm/{slurm.conf,gres.conf,slurmdbd.conf} from the templates next to this script, with the
-#      node's real CPU topology and memory (`slurmd -C`), cgroup-free plugins and two partitions (cpu, gpu);
-#   4. starts slurmctld and slurmd (restarting them if the configuration changed);
-#   5. waits for the node to be idle and runs `sbatch --wrap true` on both partitions, checked with sacct.
+#   2. starts munged;
+#   3. writes /etc/slurm/{slurm.conf,gres.conf} from the templates next to this script, with the node's real
+#      CPU topology and memory (`slurmd -C`), cgroup-free plugins and two partitions (cpu, gpu);
+#   4. starts MariaDB and slurmdbd (slurmdbd.conf), registers cluster/account/users with sacctmgr;
+#   5. starts slurmctld and slurmd (restarting them if the configuration changed);
+#   6. waits for the node to be idle and runs one `sbatch --wrap` job per partition, checked with sacct.
 #
 # No systemd: containers have none, so every daemon is started directly; pid files live in /run/slurm (and
 # /run/munge, /run/mysqld), logs in /var/log/slurm.
@@ -135,7 +136,7 @@ install -d -m 755 -o slurm -g slurm "$LOGDIR" "$RUNDIR" /var/spool/slurmctld
 install -d -m 755 -o root -g root /var/spool/slurmd "$ETC"
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2a. munge: every SLURM daemon and client authenticates through it.
+# 2. munge: every SLURM daemon and client authenticates through it.
 # ---------------------------------------------------------------------------------------------------------------
 install -d -m 700 -o munge -g munge /etc/munge /var/lib/munge /var/log/munge
 install -d -m 755 -o munge -g munge /run/munge
@@ -154,7 +155,52 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2b. Accounting store: MariaDB + slurmdbd.
+# 3. slurm.conf + gres.conf, from the node's real topology.  Written before slurmdbd is asked anything: every
+#    client (sacctmgr included) finds the accounting host through slurm.conf, and without the file it falls back
+#    to a DNS SRV lookup and fails ("Could not establish a configuration source").
+#    `slurmd -C` needs no configuration and prints e.g.
+#    NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105
+# ---------------------------------------------------------------------------------------------------------------
+NODE="$(hostname -s)"
+HW="$(slurmd -C | head -n 1)"
+hw() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$HW"; }
+CPUS="$(hw CPUs)"; BOARDS="$(hw Boards)"; SOCKETS="$(hw SocketsPerBoard)"
+CORES="$(hw CoresPerSocket)"; THREADS="$(hw ThreadsPerCore)"; MEM="$(hw RealMemory)"
+[[ -n $CPUS && -n $MEM && -n $CORES ]] || die "could not parse 'slurmd -C' output: $HW"
+log "node $NODE: CPUs=$CPUS RealMemory=${MEM}MB fake GPUs=$FAKE_GPUS accounting=$ACCOUNTING"
+
+if [[ $ACCOUNTING == slurmdbd ]]; then
+    ACCT_CONF="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=6819
+AccountingStorageTRES=gres/gpu
+# the plugin writes rule and wildcards into --comment; sacct shows it only with this flag
+AccountingStoreFlags=job_comment
+JobAcctGatherFrequency=30"
+else
+    ACCT_CONF="AccountingStorageType=accounting_storage/none"
+fi
+GRES=""
+((FAKE_GPUS > 0)) && GRES="Gres=gpu:${FAKE_GPUS}"
+
+conf_changed=0
+render "$HERE/slurm.conf.in" CLUSTER="$CLUSTER" NODE="$NODE" CPUS="$CPUS" BOARDS="$BOARDS" SOCKETS="$SOCKETS" \
+    CORES="$CORES" THREADS="$THREADS" MEM="$MEM" GRES="$GRES" ACCOUNTING="$ACCT_CONF" |
+    install_file "$ETC/slurm.conf" 644 root:root && conf_changed=1
+if ((FAKE_GPUS > 0)); then
+    # The fake GPUs' "device files": character devices 1:3 (what /dev/null is) where mknod is allowed, plain
+    # files otherwise (slurmd then logs "not a valid character or block device" but counts them all the same).
+    for ((g = 0; g < FAKE_GPUS; g++)); do
+        [[ -e $RUNDIR/fake-gpu$g ]] || mknod -m 666 "$RUNDIR/fake-gpu$g" c 1 3 2>/dev/null ||
+            touch "$RUNDIR/fake-gpu$g"
+    done
+    render "$HERE/gres.conf.in" NODE="$NODE" NGPU="$FAKE_GPUS" LASTGPU="$((FAKE_GPUS - 1))"
+else
+    echo "# no GRES (SLURM_FAKE_GPUS=0)"
+fi | install_file "$ETC/gres.conf" 644 root:root && conf_changed=1
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Accounting store: MariaDB + slurmdbd, then cluster/account/users in it.
 # ---------------------------------------------------------------------------------------------------------------
 if [[ $ACCOUNTING == slurmdbd ]]; then
     if mariadb-admin ping >/dev/null 2>&1; then
@@ -197,50 +243,9 @@ SQL
     fi
     # slurmdbd creates its tables on first start; sacctmgr answers once it listens.
     wait_for "$TIMEOUT" "slurmdbd (sacctmgr list cluster)" sacctmgr -n list cluster
-fi
 
-# ---------------------------------------------------------------------------------------------------------------
-# 3. slurm.conf + gres.conf, from the node's real topology.  `slurmd -C` needs no configuration and prints e.g.
-#    NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105
-# ---------------------------------------------------------------------------------------------------------------
-NODE="$(hostname -s)"
-HW="$(slurmd -C | head -n 1)"
-hw() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$HW"; }
-CPUS="$(hw CPUs)"; BOARDS="$(hw Boards)"; SOCKETS="$(hw SocketsPerBoard)"
-CORES="$(hw CoresPerSocket)"; THREADS="$(hw ThreadsPerCore)"; MEM="$(hw RealMemory)"
-[[ -n $CPUS && -n $MEM && -n $CORES ]] || die "could not parse 'slurmd -C' output: $HW"
-log "node $NODE: CPUs=$CPUS RealMemory=${MEM}MB fake GPUs=$FAKE_GPUS accounting=$ACCOUNTING"
-
-if [[ $ACCOUNTING == slurmdbd ]]; then
-    ACCT_CONF="AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort=6819
-AccountingStorageTRES=gres/gpu
-JobAcctGatherFrequency=30"
-else
-    ACCT_CONF="AccountingStorageType=accounting_storage/none"
-fi
-GRES=""
-((FAKE_GPUS > 0)) && GRES="Gres=gpu:${FAKE_GPUS}"
-
-conf_changed=0
-render "$HERE/slurm.conf.in" CLUSTER="$CLUSTER" NODE="$NODE" CPUS="$CPUS" BOARDS="$BOARDS" SOCKETS="$SOCKETS" \
-    CORES="$CORES" THREADS="$THREADS" MEM="$MEM" GRES="$GRES" ACCOUNTING="$ACCT_CONF" |
-    install_file "$ETC/slurm.conf" 644 root:root && conf_changed=1
-if ((FAKE_GPUS > 0)); then
-    # The fake GPUs' "device files": character devices 1:3 (what /dev/null is) where mknod is allowed, plain
-    # files otherwise (slurmd then logs "not a valid character or block device" but counts them all the same).
-    for ((g = 0; g < FAKE_GPUS; g++)); do
-        [[ -e $RUNDIR/fake-gpu$g ]] || mknod -m 666 "$RUNDIR/fake-gpu$g" c 1 3 2>/dev/null ||
-            touch "$RUNDIR/fake-gpu$g"
-    done
-    render "$HERE/gres.conf.in" NODE="$NODE" NGPU="$FAKE_GPUS" LASTGPU="$((FAKE_GPUS - 1))"
-else
-    echo "# no GRES (SLURM_FAKE_GPUS=0)"
-fi | install_file "$ETC/gres.conf" 644 root:root && conf_changed=1
-# Register cluster, account and users before slurmctld starts: slurmctld fetches its TRES and associations
-# from slurmdbd at start-up.  No AccountingStorageEnforce, so unregistered users can still submit.
-if [[ $ACCOUNTING == slurmdbd ]]; then
+    # Register cluster, account and users before slurmctld starts: slurmctld fetches its TRES and associations
+    # from slurmdbd at start-up.  No AccountingStorageEnforce, so unregistered users can still submit.
     sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" ||
         { log "sacctmgr add cluster $CLUSTER"; sacctmgr -i add cluster "$CLUSTER" >/dev/null; }
     sacctmgr -n -P list account format=account | grep -qx "$ACCOUNT" ||
@@ -255,7 +260,7 @@ if [[ $ACCOUNTING == slurmdbd ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. slurmctld + slurmd.  A changed configuration means a restart (cheaper and surer than `scontrol reconfigure`,
+# 5. slurmctld + slurmd.  A changed configuration means a restart (cheaper and surer than `scontrol reconfigure`,
 #    which cannot change node definitions).
 # ---------------------------------------------------------------------------------------------------------------
 if ((conf_changed)); then
@@ -277,7 +282,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. Readiness: node idle, then a real job on each partition, seen by sacct.
+# 6. Readiness: node idle, then a real job on each partition, seen by sacct.
 # ---------------------------------------------------------------------------------------------------------------
 node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
 for ((i = 0; i < TIMEOUT; i++)); do
