@@ -323,8 +323,12 @@ run_test_job() {   # run_test_job PARTITION [extra sbatch args...]
         log "sacct: job $jobid COMPLETED"
     fi
 }
-run_test_job cpu
-if ((FAKE_GPUS > 0)); then run_test_job gpu --gpus=1; else run_test_job gpu; fi
+# Both at once: `sbatch --wait` polls with growing intervals, so two jobs in a row cost ~10 s more.
+run_test_job cpu & cpu_pid=$!
+if ((FAKE_GPUS > 0)); then run_test_job gpu --gpus=1 & else run_test_job gpu & fi
+gpu_pid=$!
+wait "$cpu_pid" || die "test job on partition cpu failed"
+wait "$gpu_pid" || die "test job on partition gpu failed"
 
 trap - ERR
 log "SLURM is ready: cluster $CLUSTER, node $NODE, partitions cpu (default) and gpu, accounting=$ACCOUNTING"
