@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from ncpipe import io
+from ncpipe import grid, io, paths
 from ncpipe.cli import main
+from ncpipe.config import load_config
 from ncpipe.train import save_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -208,18 +209,24 @@ def test_layerwise_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_readme_recipes_run_as_written(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every code block of docs/inspecting.md (the README section) against a dump at the default-run path."""
+    """Every code block of the README's "Inspecting feature dumps" section, against a dump at the path that the
+    default run gives its final ST dump (derived from config/config.yaml, so the recipes cannot go stale)."""
     pytest.importorskip("xarray")
-    doc = (Path(__file__).parents[1] / "docs" / "inspecting.md").read_text()
-    blocks = re.findall(r"```(bash|python)\n(.*?)```", doc, flags=re.S)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Inspecting feature dumps", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.S)
     assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
-    target = tmp_path / "results/mnist5k/vgg11bn/st/seed1/features/epoch30_linf_eps64.h5"
+    default = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
+    st_final = [c for c in grid.cells(default, final_only=True) if c.run.method == "st"][0]
+    rel = paths.format_path(paths.FEATURES, **st_final.wildcards())
+    assert all(rel in code for _, code in blocks), f"the recipes must use the default run's dump {rel}"
+    target = tmp_path / rel
     target.parent.mkdir(parents=True)
     shutil.copyfile(dump, target)
     monkeypatch.chdir(tmp_path)
     for lang, code in blocks:
         if lang == "python":
-            exec(compile(code, "docs/inspecting.md", "exec"), {})
+            exec(compile(code, "README.md", "exec"), {})
         elif shutil.which("h5ls") and shutil.which("h5dump"):
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
             r = subprocess.run(["bash", "-eu", "-c", code], capture_output=True, text=True, env=env)
