@@ -7,6 +7,7 @@ installed or the controller does not answer.  The profile checks at the top need
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
