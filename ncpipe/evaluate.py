@@ -76,8 +76,8 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.Data
                 rows += _rows(ident, split, kind, "target", _align(clean_means, _means(h, d["targets"], c)))
         if train_clean_means is not None:
             # the paper's robust nearest-class-centre classifier: clean *train* means, any split / perturbation
-            ncc = metrics.ncc_predict(h, train_clean_means)
-            rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": float((ncc == y).mean())})
+            acc = metrics.ncc_accuracy(h, y, train_clean_means)
+            rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["value"] = df["value"].astype(float)
     return df

@@ -256,6 +256,20 @@ class NCCAccuracy:
         return self.correct / self.total if self.total else float("nan")
 
 
+def ncc_accuracy(features: ArrayLike, labels: ArrayLike, means: ArrayLike) -> float:
+    """Accuracy of the nearest-class-centre rule with the given (fixed) ``means`` against ``labels``.
+
+    With the clean *train* means of the final network this is the paper's robust NCC classifier, for any
+    split and perturbation.
+    """
+    acc = NCCAccuracy(means)
+    n = _as_array(features).shape[0]
+    step = _chunk_rows(_as_array(features).shape[1])
+    for i in range(0, n, step):
+        acc.update(features[i : i + step], labels[i : i + step])
+    return acc.accuracy
+
+
 # ------------------------------------------------------------------------------------------------ ClassStats
 class ClassStats:
     """Streaming per-class statistics of one feature set; exact NC1 in two passes, never a D x D matrix.

@@ -372,3 +372,15 @@ def test_alignment_translation_only_moves_uncentred_quantities() -> None:
     assert res["dist_uncentred"] == pytest.approx(np.linalg.norm(t), rel=1e-12)
     assert res["global_mean_dist"] == pytest.approx(np.linalg.norm(t), rel=1e-12)
     assert res["angle_uncentred"] > 0.01
+
+
+def test_ncc_accuracy_matches_predictions_and_streams_in_chunks():
+    rng = np.random.default_rng(7)
+    means = rng.normal(size=(5, 8))
+    y = rng.integers(0, 5, size=3001)
+    h = means[y] + rng.normal(scale=1.5, size=(3001, 8))
+    expected = float((metrics.ncc_predict(h, means) == y).mean())
+    assert 0.2 < expected < 1.0  # a case where the rule makes mistakes, so the comparison means something
+    assert metrics.ncc_accuracy(h, y, means) == pytest.approx(expected, abs=1e-12)
+    assert metrics.ncc_accuracy(torch.from_numpy(h).float(), torch.from_numpy(y), means) == pytest.approx(
+        expected, abs=2e-3)
