@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import paths  # noqa: E402
 from .utils import atomic_output  # noqa: E402
@@ -128,6 +129,7 @@ def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "ep
             h = mean_band(ax, frame[frame["series"] == label], x, colours.get(label), label, marker=marker)
             legend.setdefault(label, h)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(panel.ylabel)
         if panel.log and (frame["value"] > 0).all():
             ax.set_yscale("log")
