@@ -209,8 +209,8 @@ def test_layerwise_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_readme_recipes_run_as_written(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every code block of the README's "Inspecting feature dumps" section, against a dump at the path that the
-    default run gives its final ST dump (derived from config/config.yaml, so the recipes cannot go stale)."""
+    """Every code block of the README's "Inspecting feature dumps" section, run against a dump at the path
+    of the default run's final ST dump (derived from config/config.yaml, so the recipes cannot go stale)."""
     pytest.importorskip("xarray")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## Inspecting feature dumps", 1)[1].split("\n## ", 1)[0]

@@ -55,7 +55,7 @@ def test_unknown_arch_names_the_choices():
 
 
 def test_probe_outputs_shrink_towards_the_head():
-    """Probes run shallow to deep: hooked outputs exist for each and the last VGG probe is the pre-pool map."""
+    """Probes run shallow to deep: every probe fires and the last VGG probe is the pre-pool feature map."""
     m = _model("vgg11bn", 3, "cifar")
     outs: list[torch.Size] = []
     hooks = [mod.register_forward_hook(lambda _m, _i, o: outs.append(o.shape)) for _, mod in m.probe_layers()]

@@ -1,4 +1,5 @@
-"""End to end: the miniature config (.test/config/config.yaml) through the whole workflow in a temporary directory.
+"""End to end: the miniature config (.test/config/config.yaml) through the whole workflow in a temporary
+directory.
 
 It has every training method and every perturbation kind, so one run exercises every rule and figure family.
 """
@@ -27,7 +28,8 @@ MINI = REPO / ".test" / "config" / "config.yaml"
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
 
 
-def run_snakemake(workdir: Path, *args: str, config: Path = MINI, check: bool = True) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, *args: str, config: Path = MINI, check: bool = True
+                  ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [SNAKEMAKE, "--snakefile", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(config),
            *args]
@@ -65,8 +67,8 @@ def test_outputs_of_every_stage(mini_run: Path):
                     assert feats.dtype == "float32" and feats.shape[0] == f[f"{split}/{kind}/labels"].shape[0]
             assert len(f.attrs["checkpoint_sha256"]) == 64
     table = pd.read_csv(mini_run / paths.ALL_METRICS)
-    expected = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation", "metric",
-                "value"]
+    expected = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation",
+                "metric", "value"]
     assert set(expected) <= set(table.columns)
     assert set(table["method"]) == set(config["methods"])
     assert set(table["perturbation"]) == set(config["attack"]["kinds"])
