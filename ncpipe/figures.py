@@ -1,19 +1,18 @@
-"""Figures from the aggregated tidy tables (matplotlib).  Each family knows its file names, table and drawing.
+"""Figures from the aggregated tidy tables, drawn with seaborn; ``DRAW`` maps each family to its drawing.
 
-A family's file stem is a pattern over the grid's wildcards (``{dataset}__{arch}__{regime}__{norm}{eps}``
-...), so the main, l_2 and ImageNette grids write distinct files, Snakemake sees the wildcards (report
-categories, captions), and the drawing code selects its rows from the stem alone.  Seeds are drawn as their
-mean with a +-1 s.d. band (bars: +-1 s.d. error bars); NC1 is on a log axis; angles are in degrees (the table
-stores radians).
+The families' names, file stems, input tables and report categories live in ``ncpipe.families``, which has no
+plotting imports, so the workflow parses without loading matplotlib or seaborn; only the figure jobs import
+this module.  A figure's rows are selected from its file stem alone.  Seeds are drawn as their mean with a
++-1 s.d. band (``sns.lineplot(errorbar="sd")``; bars: ``sns.barplot(errorbar="sd")``); NC1 is on a log axis;
+angles are in degrees (the table stores radians).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from . import paths  # noqa: E402
+from .families import FAMILIES, parse_stem  # noqa: E402
+from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
 from .utils import atomic_output  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
@@ -48,7 +50,6 @@ METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
 METHOD_ORDER = ["st", "at", "trades"]
 NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
 
-FONT_SIZES = {"paper": 8, "notebook": 10, "talk": 13, "poster": 16}
 PCT = 100.0  # accuracies are stored as fractions and drawn in percent
 DEG = 180.0 / np.pi  # angles are stored in radians and drawn in degrees
 
@@ -147,19 +148,29 @@ def mean_band(
     style: str = "-",
     marker: str | None = "o",
 ) -> Any:
-    """Mean of ``value`` over seeds (repeated rows averaged first) per ``x``, with a +-1 s.d. band."""
-    per_seed = (
-        frame.groupby([x, "seed"])["value"].mean() if "seed" in frame.columns else frame.set_index(x)["value"]
+    """Mean of ``value`` over seeds per ``x`` with a +-1 s.d. band; returns the mean's line (a legend handle).
+
+    Repeated rows of one seed at one ``x`` are averaged first so that every seed counts once.  A single seed
+    has no s.d.: seaborn then draws the line without a band.  Call before setting a log scale: seaborn
+    aggregates in the axis' scale, and the band is the arithmetic mean +- s.d.
+    """
+    data = frame.groupby([x, "seed"], as_index=False)["value"].mean() if "seed" in frame.columns else frame
+    drawn = len(ax.lines)
+    sns.lineplot(
+        data=data,
+        x=x,
+        y="value",
+        errorbar="sd",
+        color=colour,
+        label=label,
+        linestyle=style,
+        marker=marker,
+        markersize=4,
+        markeredgewidth=0,  # seaborn's white marker edge would hide 4-point markers
+        legend=False,
+        ax=ax,
     )
-    stats = per_seed.groupby(level=0).agg(["mean", "std"]).sort_index()
-    (line,) = ax.plot(
-        stats.index, stats["mean"], style, color=colour, marker=marker, markersize=3, label=label
-    )
-    sd = stats["std"].fillna(0.0)
-    ax.fill_between(
-        stats.index, stats["mean"] - sd, stats["mean"] + sd, color=line.get_color(), alpha=0.2, linewidth=0
-    )
-    return line
+    return ax.lines[drawn]
 
 
 def finish(
@@ -356,24 +367,33 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
     classifiers = {"network": "#4c72b0", "NCC on clean train means": "#dd8452"}
     for ax, (split, kind) in zip(axes.flat, cells, strict=True):
         sub = df[(df["split"] == split) & (df["perturbation"] == kind)]
-        per_seed = sub.groupby(["method", "classifier", "seed"])["value"].mean()
-        stats = per_seed.groupby(level=[0, 1]).agg(["mean", "std"])
-        width = 0.8 / len(classifiers)
-        for j, (clf, colour) in enumerate(classifiers.items()):
-            if clf not in stats.index.get_level_values(1):
-                continue
-            st = stats.xs(clf, level=1).reindex(order)
-            pos = np.arange(len(order)) + (j - (len(classifiers) - 1) / 2) * width
-            ax.bar(pos, st["mean"], width, yerr=st["std"].fillna(0.0), capsize=3, color=colour, label=clf)
-        ax.set_xticks(np.arange(len(order)), order)
+        # one value per seed (repeated rows averaged): bar = mean over seeds, error bar = their s.d.
+        per_seed = sub.groupby(["method", "classifier", "seed"], as_index=False)["value"].mean()
+        sns.barplot(
+            data=per_seed,
+            x="method",
+            y="value",
+            hue="classifier",
+            order=order,
+            hue_order=list(classifiers),
+            palette=classifiers,
+            saturation=1.0,
+            errorbar="sd",
+            capsize=0.15,
+            err_kws={"color": "black", "linewidth": 1.0},
+            legend=False,
+            ax=ax,
+        )
         ax.set_title(f"{split} data, {PERTURBATION_LABELS[kind]}")
         ax.set_xlabel("training method")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%)", visible=True)  # seaborn hides it next to shared (hidden) y ticks
         ax.set_ylim(0, 100)
-        handles, labels = ax.get_legend_handles_labels()
+    # seaborn's own legend would add its proxy patches to the first axes; the figure gets one shared legend
+    shown = [c for c in classifiers if c in set(df["classifier"])]
+    handles = [Patch(facecolor=classifiers[c], label=c) for c in shown]
     seeds = df["seed"].nunique()
     return finish(
-        fig, f"{title} (epoch {int(df['epoch'].max())}, {seeds} seed(s), bars ±1 s.d.)", handles, labels
+        fig, f"{title} (epoch {int(df['epoch'].max())}, {seeds} seed(s), bars ±1 s.d.)", handles, shown
     )
 
 
@@ -410,7 +430,7 @@ def _draw_layerwise(metrics: list[tuple[str, str, bool, str]], ylabel: str, what
                     ax.set_yscale("log")
             ax.set_xticks(names["layer_index"], names["layer"], rotation=60, ha="right", fontsize=7)
             ax.set_xlabel("layer (input → output)")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel, visible=True)  # seaborn hides it next to shared (hidden) y ticks
             ax.set_title(_method_label(regime))
         handles, labels = axes.flat[0].get_legend_handles_labels()
         return finish(
@@ -455,151 +475,23 @@ def _draw_training(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
 
 
 # ------------------------------------------------------------------------------------------- registry
-RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
-ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
-RUN = "{dataset}__{arch}__{regime}"
+Draw = Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]
 
-TABLES = {"metrics": paths.ALL_METRICS, "layerwise": paths.ALL_LAYERWISE, "train_logs": paths.ALL_TRAIN_LOGS}
-
-
-@dataclass(frozen=True)
-class Family:
-    stem: str  # pattern over grid wildcards
-    table: str  # key of TABLES
-    draw: Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]
-    category: str  # report category
-    caption: str  # one line, also in --help and docs
-    needs: Callable[[dict[str, Any]], bool] = field(default=lambda config: True)
-
-
-def _has_split(split: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda config: split in config["attack"]["splits"]
-
-
-def _has_kinds(*kinds: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda config: all(k in config["attack"]["kinds"] for k in kinds)
-
-
-FAMILIES: dict[str, Family] = {
-    "nc_vs_epoch": Family(
-        RUN_THREAT,
-        "metrics",
-        _draw_nc("train"),
-        "NC metrics vs epoch (train data)",
-        "NC1-NC4 and accuracy vs epoch on training data, clean and per perturbation kind (true labels).",
-        _has_split("train"),
+# One drawing per family of ncpipe.families.FAMILIES (same keys; tests/test_figures.py checks).
+DRAW: dict[str, Draw] = {
+    "nc_vs_epoch": _draw_nc("train"),
+    "nc_vs_epoch_test": _draw_nc("test"),
+    "targeted_leap": _draw_leap,
+    "simplex_alignment": _draw_alignment,
+    "ncc_vs_network": _draw_ncc_bars,
+    "layerwise_nc1": _draw_layerwise(
+        LAYERWISE_NC1, "NC1 = Tr(Σ_W Σ_B⁺)", "Layerwise NC1 on train data, final epoch"
     ),
-    "nc_vs_epoch_test": Family(
-        RUN_THREAT,
-        "metrics",
-        _draw_nc("test"),
-        "NC metrics vs epoch (test data)",
-        "NC1-NC4 and accuracy vs epoch on test data, clean and per perturbation kind (true labels).",
-        _has_split("test"),
+    "layerwise_ncc_accuracy": _draw_layerwise(
+        LAYERWISE_NCC, "NCC accuracy (%)", "Layerwise NCC accuracy on train data, final epoch", PCT
     ),
-    "targeted_leap": Family(
-        RUN_THREAT,
-        "metrics",
-        _draw_leap,
-        "Leap: targeted attack",
-        "Targeted-PGD data grouped by target label vs clean data, and the angle between the clean mean of "
-        "class c and the mean of points targeted to c, vs epoch.",
-        lambda c: _has_split("train")(c) and _has_kinds("clean", "targeted")(c),
-    ),
-    "simplex_alignment": Family(
-        RUN_THREAT,
-        "metrics",
-        _draw_alignment,
-        "Simplex alignment",
-        "Angle and distance between clean and perturbed class means (centred, raw, global mean) vs epoch.",
-        lambda c: _has_split("train")(c) and "clean" in c["attack"]["kinds"],
-    ),
-    "ncc_vs_network": Family(
-        ARCH_THREAT,
-        "metrics",
-        _draw_ncc_bars,
-        "NCC classifier vs network",
-        "Final-epoch clean and PGD accuracy of the network and of the nearest clean-train-mean classifier, "
-        "per training method.",
-        _has_kinds("clean", "pgd"),
-    ),
-    "layerwise_nc1": Family(
-        ARCH_THREAT,
-        "layerwise",
-        _draw_layerwise(LAYERWISE_NC1, "NC1 = Tr(Σ_W Σ_B⁺)", "Layerwise NC1 on train data, final epoch"),
-        "Layerwise NC1",
-        "NC1 per layer of the final model, clean vs PGD training data, per method.",
-        lambda c: bool(c["layerwise"]["enabled"]),
-    ),
-    "layerwise_ncc_accuracy": Family(
-        ARCH_THREAT,
-        "layerwise",
-        _draw_layerwise(
-            LAYERWISE_NCC, "NCC accuracy (%)", "Layerwise NCC accuracy on train data, final epoch", PCT
-        ),
-        "Layerwise NCC accuracy",
-        "NCC accuracy per layer of the final model (clean class means, and the data's own means), clean vs "
-        "PGD training data, per method.",
-        lambda c: bool(c["layerwise"]["enabled"]),
-    ),
-    "training_curves": Family(
-        RUN,
-        "train_logs",
-        _draw_training,
-        "Training curves",
-        "Loss, clean/adversarial train accuracy, clean test accuracy and learning rate per epoch.",
-    ),
+    "training_curves": _draw_training,
 }
-
-_WILDCARD_RE = {
-    "dataset": r"[a-z0-9]+",
-    "arch": r"[a-z0-9]+",
-    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
-    "norm": r"linf|l2",
-    "eps": r"[0-9.]+",
-}
-
-
-def parse_stem(family: str, stem: str) -> dict[str, str]:
-    """The wildcards of a family's file stem (inverse of ``stem_wildcards``)."""
-    pattern = re.escape(FAMILIES[family].stem)
-    for k, rx in _WILDCARD_RE.items():
-        pattern = pattern.replace(re.escape("{" + k + "}"), f"(?P<{k}>{rx})")
-    m = re.fullmatch(pattern, stem)
-    if m is None:
-        raise ValueError(f"{stem!r} is not a {family} figure name ({FAMILIES[family].stem})")
-    return m.groupdict()
-
-
-def stem_wildcards(config: dict[str, Any], family: str) -> list[dict[str, str]]:
-    """One wildcard dict per figure of ``family`` in this config's grid."""
-    from .grid import runs, threats
-
-    fam = FAMILIES[family]
-    if not fam.needs(config):
-        return []
-    keys = set(re.findall(r"{(\w+)}", fam.stem))
-    out = set()
-    for r in runs(config):
-        for norm, eps in threats(config):
-            w = {"dataset": r.dataset, "arch": r.arch, "regime": r.regime, "norm": norm, "eps": eps}
-            out.add(tuple(sorted((k, v) for k, v in w.items() if k in keys)))
-    return [dict(t) for t in sorted(out)]
-
-
-def figure_stems(config: dict[str, Any], family: str) -> list[str]:
-    return [FAMILIES[family].stem.format(**w) for w in stem_wildcards(config, family)]
-
-
-def figure_targets(config: dict[str, Any], tables: set[str] | None = None) -> list[str]:
-    """Every figure file of the config; with ``tables``, only families whose input table is produced."""
-    return [
-        paths.format_path(paths.FIGURE, name=f"{fam}/{stem}", ext=ext)
-        for fam, f in FAMILIES.items()
-        if tables is None or TABLES[f.table] in tables
-        for stem in figure_stems(config, fam)
-        for ext in config["figures"]["formats"]
-    ]
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -616,23 +508,11 @@ def draw_family(
     context: str = "paper",
 ) -> list[str]:
     """Draw the figures ``stems`` of ``family`` from ``table`` into ``outdir`` (one file per format)."""
-    # seaborn's look without importing seaborn (it pulls in scipy.stats: seconds per figure job)
-    plt.style.use("seaborn-v0_8-whitegrid")
-    plt.rcParams.update(
-        {
-            "font.size": FONT_SIZES[context],
-            "axes.titlesize": FONT_SIZES[context],
-            "axes.labelsize": FONT_SIZES[context],
-            "legend.fontsize": FONT_SIZES[context] - 1,
-            "xtick.labelsize": FONT_SIZES[context] - 1,
-            "ytick.labelsize": FONT_SIZES[context] - 1,
-        }
-    )
+    sns.set_theme(context=context, style="whitegrid")
     fam = FAMILIES[family]
     tables = {fam.table: read_table(table)}
     out = []
     for stem in stems:
-        sel = parse_stem(family, stem)
-        fig = fam.draw(tables, sel)
+        fig = DRAW[family](tables, parse_stem(family, stem))
         out += save(fig, str(Path(outdir) / stem), formats, dpi)
     return out

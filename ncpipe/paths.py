@@ -1,7 +1,7 @@
 """Every output path of the workflow, in one place.
 
-Patterns use Snakemake wildcard syntax; ``format_path`` fills them from Python, so the rules, the CLI, the tests
-and the aggregation code all derive paths from these strings and never rebuild them by hand.
+Patterns use Snakemake wildcard syntax; ``format_path`` fills them from Python, so the rules, the CLI, the
+tests and the aggregation code all derive paths from these strings and never rebuild them by hand.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ ALL_TRAIN_LOGS = RESULTS + "/train_logs.csv"
 FIGURE_DIR = RESULTS + "/figures"
 FIGURE = FIGURE_DIR + "/{name}.{ext}"
 TABLE_DIR = RESULTS + "/tables"
+FIGURES_INDEX = RESULTS + "/figures.txt"  # rule `figures`: every figure and table file, one a line
 
 
 def log(rule: str, pattern: str) -> str:

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from . import paths
+from .families import ACCURACY_STEM
+from .families import table_targets as table_targets  # re-exported: the table names belong to families
 from .utils import atomic_output
 
-ACCURACY_STEM = "accuracy_final__{dataset}__{norm}{eps}"
 # (column, split, perturbation, metric, header)
 ACCURACY_COLUMNS = [
     ("train_clean", "train", "clean", "accuracy", "train clean"),
@@ -31,18 +32,6 @@ ACCURACY_COLUMNS = [
 ]
 METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES"}
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
-
-
-def table_stems(config: dict[str, Any]) -> list[str]:
-    from .grid import threats
-
-    return [
-        ACCURACY_STEM.format(dataset=d, norm=n, eps=e) for d in config["datasets"] for n, e in threats(config)
-    ]
-
-
-def table_targets(config: dict[str, Any]) -> list[str]:
-    return [f"{paths.TABLE_DIR}/{s}.{ext}" for s in table_stems(config) for ext in ("csv", "tex")]
 
 
 def accuracy_table(metrics: pd.DataFrame, dataset: str, norm: str, eps: str) -> pd.DataFrame:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ncpipe import figures, paths, tables
+from ncpipe import families, figures, paths, tables
 from ncpipe.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,10 +62,10 @@ def test_stems_round_trip_and_do_not_collide_across_paper_configs():
     stems = {}
     for name in ("paper", "paper_l2", "imagenette"):
         cfg = load_config(ROOT / "config" / f"{name}.yaml")
-        for fam in figures.FAMILIES:
-            for stem in figures.figure_stems(cfg, fam):
-                w = figures.parse_stem(fam, stem)
-                assert figures.FAMILIES[fam].stem.format(**w) == stem
+        for fam in families.FAMILIES:
+            for stem in families.figure_stems(cfg, fam):
+                w = families.parse_stem(fam, stem)
+                assert families.FAMILIES[fam].stem.format(**w) == stem
                 stems.setdefault((fam, stem), set()).add(name)
     # every evaluated figure names its threat, so the l_inf and l_2 grids never write the same file; only the
     # training curves of the shared ST runs coincide (same runs, same content)
@@ -73,9 +76,9 @@ def test_stems_round_trip_and_do_not_collide_across_paper_configs():
         for a in ("vgg11bn", "preactresnet18")
     }
     main = load_config(ROOT / "config" / "paper.yaml")
-    assert len(figures.figure_stems(main, "nc_vs_epoch")) == 2 * 2 * 3  # dataset x arch x method, one threat
-    assert len(figures.figure_stems(main, "ncc_vs_network")) == 4
-    assert figures.parse_stem("nc_vs_epoch", "cifar100__preactresnet18__trades_l2128__l2128") == {
+    assert len(families.figure_stems(main, "nc_vs_epoch")) == 2 * 2 * 3  # dataset x arch x method, one threat
+    assert len(families.figure_stems(main, "ncc_vs_network")) == 4
+    assert families.parse_stem("nc_vs_epoch", "cifar100__preactresnet18__trades_l2128__l2128") == {
         "dataset": "cifar100",
         "arch": "preactresnet18",
         "regime": "trades_l2128",
@@ -83,7 +86,7 @@ def test_stems_round_trip_and_do_not_collide_across_paper_configs():
         "eps": "128",
     }
     with pytest.raises(ValueError, match="not a nc_vs_epoch figure name"):
-        figures.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__linf8")
+        families.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__linf8")
 
 
 def test_select_matches_epsilon_as_a_number():
@@ -103,8 +106,8 @@ def test_nc_curves_are_seed_means_with_sd_band_on_log_axis():
     ]
     rows += [_row(seed=1, epoch=1, metric="accuracy", value=0.25)]
     rows += [_row(seed=1, epoch=1, split="test", value=99.0)]  # another split: must not leak in
-    fig = figures.FAMILIES["nc_vs_epoch"].draw(
-        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8")
+    fig = figures.DRAW["nc_vs_epoch"](
+        {"metrics": pd.DataFrame(rows)}, families.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8")
     )
     ax = _axis(fig, "NC1")
     assert ax.get_yscale() == "log"
@@ -141,8 +144,8 @@ def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
         _row(perturbation="targeted", grouping="target", metric="nc1", value=0.5),
         _row(perturbation="pgd", grouping="predicted", metric="nc1", value=0.7),
     ]
-    fig = figures.FAMILIES["targeted_leap"].draw(
-        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("targeted_leap", "cifar10__vgg11bn__st__linf8")
+    fig = figures.DRAW["targeted_leap"](
+        {"metrics": pd.DataFrame(rows)}, families.parse_stem("targeted_leap", "cifar10__vgg11bn__st__linf8")
     )
     ax = _axis(fig, "∠(clean mean of c")
     assert "degrees" in ax.get_ylabel()
@@ -181,16 +184,24 @@ def test_ncc_bars_show_final_epoch_test_accuracy_per_method_in_percent():
                         value=0.99,
                     )
                 )  # an earlier epoch: ignored
-    fig = figures.FAMILIES["ncc_vs_network"].draw(
-        {"metrics": pd.DataFrame(rows)}, figures.parse_stem("ncc_vs_network", "cifar10__vgg11bn__linf8")
+    fig = figures.DRAW["ncc_vs_network"](
+        {"metrics": pd.DataFrame(rows)}, families.parse_stem("ncc_vs_network", "cifar10__vgg11bn__linf8")
     )
     (ax,) = fig.axes
     assert ax.get_title() == "test data, PGD (untargeted)"
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     np.testing.assert_allclose(heights, [0.0, 2.0, 38.0, 40.0], atol=1e-9)
+    # error bars (one line each, caps included): mean +- the s.d. of the two seeds, 100 * 0.04 / sqrt(2)
+    bars = [(np.nanmin(ln.get_ydata()), np.nanmax(ln.get_ydata())) for ln in ax.get_lines()]
+    np.testing.assert_allclose(sorted((lo + hi) / 2 for lo, hi in bars), [0.0, 2.0, 38.0, 40.0], atol=1e-9)
+    np.testing.assert_allclose([(hi - lo) / 2 for lo, hi in bars], [2 * math.sqrt(2)] * 4)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["ST", "AT (PGD) [linf8]"]
     assert "epoch 4" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_every_family_has_a_drawing():
+    assert set(figures.DRAW) == set(families.FAMILIES)
 
 
 def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
@@ -204,11 +215,11 @@ def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
         files[key] = tmp_path / f"{key}.csv"
         df.to_csv(files[key], index=False)
     stems = {
-        figures.RUN_THREAT: "cifar10__vgg11bn__at_linf8__linf8",
-        figures.ARCH_THREAT: "cifar10__vgg11bn__linf8",
-        figures.RUN: "cifar10__vgg11bn__at_linf8",
+        families.RUN_THREAT: "cifar10__vgg11bn__at_linf8__linf8",
+        families.ARCH_THREAT: "cifar10__vgg11bn__linf8",
+        families.RUN: "cifar10__vgg11bn__at_linf8",
     }
-    for fam, f in figures.FAMILIES.items():
+    for fam, f in families.FAMILIES.items():
         (out,) = figures.draw_family(
             files[f.table], fam, [stems[f.stem]], str(tmp_path / fam), ["png"], dpi=40
         )
@@ -221,9 +232,51 @@ def test_missing_rows_give_a_placeholder_not_a_crash(tmp_path):
     path = tmp_path / "m.csv"
     pd.DataFrame(columns=METRICS_COLUMNS).to_csv(path, index=False)
     for fam in ("nc_vs_epoch", "ncc_vs_network"):
-        stem = figures.figure_stems(load_config(ROOT / "config" / "config.yaml"), fam)[0]
+        stem = families.figure_stems(load_config(ROOT / "config" / "config.yaml"), fam)[0]
         (out,) = figures.draw_family(path, fam, [stem], str(tmp_path), ["png"], dpi=40)
         assert Path(out).stat().st_size > 0
+
+
+# Runs the Snakemake CLI in this interpreter, then reports which heavy libraries parsing the workflow loaded.
+_PARSE_PROBE = """
+import json, sys
+from snakemake.cli import main
+code = 0
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("matplotlib", "seaborn", "scipy", "torch") if m in sys.modules)
+print(json.dumps({"rc": code, "heavy": heavy}))
+"""
+
+
+def test_dry_run_plans_the_figures_step_without_loading_plotting_libraries(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-c", _PARSE_PROBE, "-n", "-q", "rules", "--cores", "1"]
+        + ["-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path)]
+        + ["--configfile", str(ROOT / "config" / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe["rc"] == 0, res.stderr[-3000:]
+    assert probe["heavy"] == [], "parsing the workflow imported a plotting/ML library"
+    block = (res.stdout + res.stderr).split("Job stats:", 1)[1].split("total", 1)[0]
+    counts = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", block, flags=re.M)}
+    # train -> features -> metrics -> figures -> all, with every figure rule's jobs under `figures`
+    assert counts["train"] == 3 and counts["figures"] == 1 and counts["all"] == 1
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    n_figs = len(families.figure_targets(cfg)) // len(cfg["figures"]["formats"])
+    assert sum(v for k, v in counts.items() if k.startswith("figure_")) == n_figs
+
+
+def test_snakemake_lint_is_clean():
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
 
 
 def test_accuracy_table_mean_and_sd_over_seeds():

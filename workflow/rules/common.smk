@@ -6,7 +6,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ncpipe import grid, paths
+from ncpipe import families, grid, paths
 from ncpipe.config import ConfigError, validate_config
 
 try:
@@ -44,8 +44,8 @@ STAGE_MODULES = {
     "metrics": ["metrics", "evaluate", "io", "utils"],
     "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise",
                   "grid", "paths"],
-    "figures": ["figures", "paths", "grid", "utils"],
-    "tables": ["tables", "paths", "grid", "utils"],
+    "figures": ["figures", "families", "paths", "grid", "utils"],
+    "tables": ["tables", "families", "paths", "grid", "utils"],
 }
 
 
@@ -58,19 +58,42 @@ def checkpoint_outputs(wildcards=None):
     return expand(paths.CHECKPOINT, epoch=epochs, allow_missing=True)
 
 
-def figure_outputs():
-    from ncpipe.figures import figure_targets
+# Report metadata of a figure rule's outputs: the labels name the wildcards in the family's file stem.
+REPORT_LABELS = {
+    "dataset": ("dataset", "{dataset}"),
+    "arch": ("architecture", "{arch}"),
+    "regime": ("training", "{regime}"),
+    "norm": ("evaluation threat", "{norm} {eps}/255"),
+}
 
+
+def figure_rule_outputs(family):
+    """The output patterns of the figure_<family> rule, one per format (the first goes into the report)."""
+    fam = families.FAMILIES[family]
+    keys = [k for k in REPORT_LABELS if k in families.stem_keys(family)]
+    sub = " / ".join(f"{{{k}}}" for k in ("dataset", "arch") if k in keys)
+    labels = dict(REPORT_LABELS[k] for k in keys)
+    formats = config["figures"]["formats"]
+    out = [families.figure_path(family, fam.stem, ext) for ext in formats]
+    out[0] = report(out[0], caption=f"../report/{family}.rst", category=fam.category, subcategory=sub,
+                    labels=labels)
+    return out
+
+
+def figure_outputs():
     # only families whose input table some rule makes (the layerwise table comes with the layerwise rules)
     produced = {str(o) for r in workflow.rules for o in r.output}
-    return figure_targets(config, produced)
+    return families.figure_targets(config, produced)
 
 
-def all_targets():
-    from ncpipe.tables import table_targets
+def figure_and_table_targets():
+    """Every figure and table file of the config, the input of the `figures` rule (call after all rules)."""
+    return [*figure_outputs(), *families.table_targets(config)]
 
-    layerwise = [paths.ALL_LAYERWISE] if config["layerwise"]["enabled"] else []
-    return [paths.ALL_METRICS, *layerwise, *figure_outputs(), *table_targets(config)]
+
+def aggregated_tables():
+    """The aggregated tidy tables that the `all` rule asks for next to the figures."""
+    return [paths.ALL_METRICS, *([paths.ALL_LAYERWISE] if config["layerwise"]["enabled"] else [])]
 
 
 # A missing dataset fails here, before any job starts, naming the directory and files it expects (with

@@ -2,47 +2,21 @@
 # job per figure file set (all formats of one figure), so a figure option reruns figures only.  File names carry
 # the wildcards (dataset, arch, regime, threat) so the main, l_2 and ImageNette grids never collide; the first
 # configured format goes into `snakemake --report` with a caption from workflow/report/<family>.rst.
-from ncpipe.figures import FAMILIES, TABLES
-from ncpipe.tables import ACCURACY_STEM
-
-REPORT_EXT = config["figures"]["formats"][0]
-_LABELS = {
-    "dataset": ("dataset", "{dataset}"),
-    "arch": ("architecture", "{arch}"),
-    "regime": ("training", "{regime}"),
-    "norm": ("evaluation threat", "{norm} {eps}/255"),
-}
-
-
-def _figure_outputs(family):
-    fam = FAMILIES[family]
-    keys = [k for k in _LABELS if "{" + k + "}" in fam.stem]
-    sub = " / ".join("{" + k + "}" for k in ("dataset", "arch") if k in keys)
-    labels = dict(_LABELS[k] for k in keys)
-    out = []
-    for ext in config["figures"]["formats"]:
-        path = paths.format_path(paths.FIGURE, name=f"{family}/{fam.stem}", ext=ext)
-        if ext == REPORT_EXT:
-            path = report(path, caption=f"../report/{family}.rst", category=fam.category, subcategory=sub,
-                          labels=labels)
-        out.append(path)
-    return out
-
-
-for _family, _fam in FAMILIES.items():
+# The names come from ncpipe.families (no plotting imports: parsing the workflow loads no matplotlib).
+for _family, _fam in families.FAMILIES.items():
 
     rule:
         name:
             f"figure_{_family}"
         input:
-            table=TABLES[_fam.table],
+            table=families.TABLES[_fam.table],
             code=code("figures"),
         output:
-            _figure_outputs(_family),
+            figure_rule_outputs(_family),
         params:
             family=_family,
             spec=grid.figures_spec(config),
-            outdir=f"{paths.FIGURE_DIR}/{_family}",
+            outdir=lambda wc, output: os.path.dirname(output[0]),
             stem=lambda wc, pattern=_fam.stem: pattern.format(**dict(wc.items())),
         log:
             paths.log("figures", f"{paths.FIGURE_DIR}/{_family}/{_fam.stem}"),
@@ -62,18 +36,18 @@ rule accuracy_table:
         code=code("tables"),
     output:
         csv=report(
-            f"{paths.TABLE_DIR}/{ACCURACY_STEM}.csv",
+            families.table_path(families.ACCURACY_STEM, "csv"),
             caption="../report/accuracy_table.rst",
             category="Accuracy table",
             subcategory="{dataset}",
             labels={"dataset": "{dataset}", "evaluation threat": "{norm} {eps}/255"},
         ),
-        tex=f"{paths.TABLE_DIR}/{ACCURACY_STEM}.tex",
+        tex=families.table_path(families.ACCURACY_STEM, "tex"),
     params:
-        outdir=paths.TABLE_DIR,
-        stem=lambda wc: ACCURACY_STEM.format(**dict(wc.items())),
+        outdir=lambda wc, output: os.path.dirname(output.csv),
+        stem=lambda wc: families.ACCURACY_STEM.format(**dict(wc.items())),
     log:
-        paths.log("tables", f"{paths.TABLE_DIR}/{ACCURACY_STEM}"),
+        paths.log("tables", f"{paths.TABLE_DIR}/{families.ACCURACY_STEM}"),
     threads: 1
     conda:
         "../envs/ncpipe.yaml"
@@ -95,3 +69,19 @@ rule train_logs:
         "../envs/ncpipe.yaml"
     shell:
         "ncpipe train-logs --out {output.table:q} {input.logs:q} > {log:q} 2>&1"
+
+
+# The `figures` step of train -> features -> metrics -> figures: every figure and table of the config (defined
+# last: its input lists the figures whose table some rule makes).  Its output lists those files, one a line.
+rule figures:
+    localrule: True
+    input:
+        figure_and_table_targets(),
+    output:
+        index=paths.FIGURES_INDEX,
+    log:
+        paths.log("figures_index", paths.FIGURES_INDEX),
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "printf '%s\\n' {input:q} > {output.index:q} 2> {log:q}"

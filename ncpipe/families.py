@@ -1,0 +1,185 @@
+"""The names of the figure and table outputs, with no plotting imports.
+
+The workflow imports this module when it parses the Snakefile (every ``snakemake`` call, dry runs included),
+so it holds only what the rules need to name their outputs: each figure family's file stem, input table,
+report category and caption, the accuracy tables' stem, and the target lists of a config.  The drawing code
+(``ncpipe.figures``: matplotlib, seaborn) and the table code (``ncpipe.tables``: pandas) are imported only by
+the jobs that run them.
+
+A family's file stem is a pattern over the grid's wildcards (``{dataset}__{arch}__{regime}__{norm}{eps}``
+...), so the main, l_2 and ImageNette grids write distinct files, Snakemake sees the wildcards (report
+categories, captions), and the drawing code selects its rows from the stem alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import paths
+from .grid import runs, threats
+
+RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
+ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
+RUN = "{dataset}__{arch}__{regime}"
+
+TABLES = {"metrics": paths.ALL_METRICS, "layerwise": paths.ALL_LAYERWISE, "train_logs": paths.ALL_TRAIN_LOGS}
+
+
+@dataclass(frozen=True)
+class Family:
+    stem: str  # pattern over grid wildcards
+    table: str  # key of TABLES
+    category: str  # report category
+    caption: str  # one line, also in --help and docs
+    needs: Callable[[dict[str, Any]], bool] = field(default=lambda config: True)
+
+
+def _has_split(split: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda config: split in config["attack"]["splits"]
+
+
+def _has_kinds(*kinds: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda config: all(k in config["attack"]["kinds"] for k in kinds)
+
+
+# The drawing function of each family is ncpipe.figures.DRAW[<family>].
+FAMILIES: dict[str, Family] = {
+    "nc_vs_epoch": Family(
+        RUN_THREAT,
+        "metrics",
+        "NC metrics vs epoch (train data)",
+        "NC1-NC4 and accuracy vs epoch on training data, clean and per perturbation kind (true labels).",
+        _has_split("train"),
+    ),
+    "nc_vs_epoch_test": Family(
+        RUN_THREAT,
+        "metrics",
+        "NC metrics vs epoch (test data)",
+        "NC1-NC4 and accuracy vs epoch on test data, clean and per perturbation kind (true labels).",
+        _has_split("test"),
+    ),
+    "targeted_leap": Family(
+        RUN_THREAT,
+        "metrics",
+        "Leap: targeted attack",
+        "Targeted-PGD data grouped by target label vs clean data, and the angle between the clean mean of "
+        "class c and the mean of points targeted to c, vs epoch.",
+        lambda c: _has_split("train")(c) and _has_kinds("clean", "targeted")(c),
+    ),
+    "simplex_alignment": Family(
+        RUN_THREAT,
+        "metrics",
+        "Simplex alignment",
+        "Angle and distance between clean and perturbed class means (centred, raw, global mean) vs epoch.",
+        lambda c: _has_split("train")(c) and "clean" in c["attack"]["kinds"],
+    ),
+    "ncc_vs_network": Family(
+        ARCH_THREAT,
+        "metrics",
+        "NCC classifier vs network",
+        "Final-epoch clean and PGD accuracy of the network and of the nearest clean-train-mean classifier, "
+        "per training method.",
+        _has_kinds("clean", "pgd"),
+    ),
+    "layerwise_nc1": Family(
+        ARCH_THREAT,
+        "layerwise",
+        "Layerwise NC1",
+        "NC1 per layer of the final model, clean vs PGD training data, per method.",
+        lambda c: bool(c["layerwise"]["enabled"]),
+    ),
+    "layerwise_ncc_accuracy": Family(
+        ARCH_THREAT,
+        "layerwise",
+        "Layerwise NCC accuracy",
+        "NCC accuracy per layer of the final model (clean class means, and the data's own means), clean vs "
+        "PGD training data, per method.",
+        lambda c: bool(c["layerwise"]["enabled"]),
+    ),
+    "training_curves": Family(
+        RUN,
+        "train_logs",
+        "Training curves",
+        "Loss, clean/adversarial train accuracy, clean test accuracy and learning rate per epoch.",
+    ),
+}
+
+_WILDCARD_RE = {
+    "dataset": r"[a-z0-9]+",
+    "arch": r"[a-z0-9]+",
+    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
+    "norm": r"linf|l2",
+    "eps": r"[0-9.]+",
+}
+
+
+def stem_keys(family: str) -> list[str]:
+    """The wildcards in ``family``'s file stem, in the order they appear."""
+    return re.findall(r"{(\w+)}", FAMILIES[family].stem)
+
+
+def parse_stem(family: str, stem: str) -> dict[str, str]:
+    """The wildcards of a family's file stem (inverse of ``stem_wildcards``)."""
+    pattern = re.escape(FAMILIES[family].stem)
+    for k, rx in _WILDCARD_RE.items():
+        pattern = pattern.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{rx})")
+    m = re.fullmatch(pattern, stem)
+    if m is None:
+        raise ValueError(f"{stem!r} is not a {family} figure name ({FAMILIES[family].stem})")
+    return m.groupdict()
+
+
+def stem_wildcards(config: dict[str, Any], family: str) -> list[dict[str, str]]:
+    """One wildcard dict per figure of ``family`` in this config's grid."""
+    if not FAMILIES[family].needs(config):
+        return []
+    keys = set(stem_keys(family))
+    out = set()
+    for r in runs(config):
+        for norm, eps in threats(config):
+            w = {"dataset": r.dataset, "arch": r.arch, "regime": r.regime, "norm": norm, "eps": eps}
+            out.add(tuple(sorted((k, v) for k, v in w.items() if k in keys)))
+    return [dict(t) for t in sorted(out)]
+
+
+def figure_stems(config: dict[str, Any], family: str) -> list[str]:
+    return [FAMILIES[family].stem.format(**w) for w in stem_wildcards(config, family)]
+
+
+def figure_path(family: str, stem: str, ext: str) -> str:
+    """The file of one figure (``stem`` may be the family's wildcard pattern)."""
+    return paths.format_path(paths.FIGURE, name=f"{family}/{stem}", ext=ext)
+
+
+def figure_targets(config: dict[str, Any], tables: set[str] | None = None) -> list[str]:
+    """Every figure file of the config; with ``tables``, only families whose input table is produced."""
+    return [
+        figure_path(fam, stem, ext)
+        for fam, f in FAMILIES.items()
+        if tables is None or TABLES[f.table] in tables
+        for stem in figure_stems(config, fam)
+        for ext in config["figures"]["formats"]
+    ]
+
+
+# ------------------------------------------------------------------------------------------- tables
+ACCURACY_STEM = "accuracy_final__{dataset}__{norm}{eps}"
+TABLE_FORMATS = ("csv", "tex")
+
+
+def table_path(stem: str, ext: str) -> str:
+    """The file of one accuracy table (``stem`` may be ``ACCURACY_STEM`` itself)."""
+    return f"{paths.TABLE_DIR}/{stem}.{ext}"
+
+
+def table_stems(config: dict[str, Any]) -> list[str]:
+    return [
+        ACCURACY_STEM.format(dataset=d, norm=n, eps=e) for d in config["datasets"] for n, e in threats(config)
+    ]
+
+
+def table_targets(config: dict[str, Any]) -> list[str]:
+    return [table_path(s, ext) for s in table_stems(config) for ext in TABLE_FORMATS]
