@@ -1,7 +1,8 @@
 """Command-line entry points, one per workflow stage (``ncpipe <stage> ...``).
 
 Rules call these through ``shell:``; Snakemake tracks the rule text, and the stage's modules are declared as
-rule inputs, so a content change to the code reruns exactly the stages that use it (a bare ``touch`` does not).
+rule inputs, so a content change to the code reruns exactly the stages that use it (a bare ``touch`` does
+not).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--spec", required=True, help="JSON spec (or @file)")
     t.add_argument("--log-csv", required=True)
     t.add_argument("--resume-dir", required=True)
-    t.add_argument("checkpoints", nargs="+", help="output paths, one per spec['checkpoints'] epoch, same order")
+    t.add_argument("checkpoints", nargs="+",
+                   help="output paths, one per spec['checkpoints'] epoch, same order")
     t.set_defaults(fn=cmd_train)
 
     f = sub.add_parser("features", help="attack a checkpoint and dump features to HDF5")

@@ -1,4 +1,7 @@
-"""The metrics stage: one HDF5 dump in, one tidy long table out.  Every number comes from ``ncpipe.metrics``."""
+"""The metrics stage: one HDF5 dump in, one tidy long table out.
+
+Every number comes from ``ncpipe.metrics``.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.Data
         root = attrs_dict(f)
         c = int(root["num_classes"])
         w, b = f["classifier/weight"][:], f["classifier/bias"][:]
-        ident = {"dataset": root["dataset"], "arch": root["arch"], "method": root["method"], "norm": root["norm"],
+        ident = {"dataset": root["dataset"], "arch": root["arch"], "method": root["method"],
+                 "norm": root["norm"],
                  "epsilon": root["epsilon_255"], "seed": root["seed"], "epoch": root["epoch"],
                  "regime": regime or root["method"]}
         data = {(s, k): {n: f[f"{s}/{k}/{n}"][:] for n in f[f"{s}/{k}"]} for s in ("train", "test") if s in f
@@ -75,7 +79,7 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.Data
             if kind == "targeted":
                 rows += _rows(ident, split, kind, "target", _align(clean_means, _means(h, d["targets"], c)))
         if train_clean_means is not None:
-            # the paper's robust nearest-class-centre classifier: clean *train* means, any split / perturbation
+            # the paper's robust nearest-class-centre classifier: clean *train* means, any split/perturbation
             acc = metrics.ncc_accuracy(h, y, train_clean_means)
             rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
     df = pd.DataFrame(rows, columns=COLUMNS)

@@ -1,7 +1,8 @@
 """The experiment grid: which jobs exist, and which config values each job receives.
 
-Snakemake's ``params`` trigger compares values by ``repr``, so every rule receives *only* the slice of the config
-that it uses (built here): changing an attack parameter never retrains, changing a figure option never re-attacks,
+Snakemake's ``params`` trigger compares values by ``repr``, so every rule receives *only* the slice of the
+config that it uses (built here): changing an attack parameter never retrains, changing a figure option never
+re-attacks,
 and adding a seed or an epsilon only adds jobs.
 """
 
@@ -91,12 +92,6 @@ def expand(pattern: str, items: list[Run] | list[Cell]) -> list[str]:
     return [paths.format_path(pattern, **it.wildcards()) for it in items]
 
 
-def checkpoint_paths(config: dict[str, Any], wildcards: Any) -> list[str]:
-    return [
-        paths.format_path(paths.CHECKPOINT, **{**_wc(wildcards), "epoch": e}) for e in sorted(config["train"]["checkpoints"])
-    ]
-
-
 def _wc(wildcards: Any) -> dict[str, Any]:
     return {k: wildcards[k] for k in ("dataset", "arch", "regime", "seed")}
 
@@ -126,7 +121,8 @@ def train_spec(config: dict[str, Any], wildcards: Any) -> str:
         "width": config["model"]["width"],
         "method": method,
         "seed": int(wc["seed"]),
-        "optim": {k: tr[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_milestones",
+        "optim": {k: tr[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay",
+                                     "lr_milestones",
                                      "lr_decay")},
         "checkpoints": sorted(tr["checkpoints"]),
         "runtime": runtime_spec(config),

@@ -6,7 +6,8 @@ with the same topology; ``width=1`` gives the paper's 512-d penultimate features
 
 Two stems per architecture: ``"cifar"`` (small inputs, paper section 1.3) and ``"imagenet"`` (the ImageNette
 160 px variants: VGG with the fifth max-pool and fan-out init, PreActResNet18 with a 7x7/2 stem and max-pool).
-Both end with a global average pool, which is what the authors' fixed-size pools amount to at their input sizes.
+Both end with a global average pool, which is what the authors' fixed-size pools amount to at their input
+sizes.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class VGG11BN(NCModel):
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 c_out = _ch(int(v), width)
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True), nn.BatchNorm2d(c_out),
+                           nn.ReLU(inplace=True)]
                 c_in = c_out
         self.conv = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -117,8 +119,9 @@ class VGG11BN(NCModel):
         return torch.flatten(self.pool(self.conv(x)), 1)
 
     def probe_layers(self) -> list[tuple[str, nn.Module]]:
-        # The module right before each conv after the first and before the classifier: the inputs of conv2..conv8
-        # and of the linear layer.  The last entry (the final ReLU) is the deepest probe, before the average pool.
+        # The module right before each conv after the first and before the classifier: the inputs of
+        # conv2..conv8 and of the linear layer.  The last entry (the final ReLU) is the deepest probe, before
+        # the average pool.
         mods = list(self.conv)
         conv_idx = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
         probes = [(f"conv{k + 1}_in", mods[i - 1]) for k, i in enumerate(conv_idx) if k > 0]
@@ -192,8 +195,9 @@ class PreActResNet18(NCModel):
         return torch.flatten(self.pool(F.relu(self.bn(out))), 1)
 
     def probe_layers(self) -> list[tuple[str, nn.Module]]:
-        # Top-level children as in the authors' hooks; ``bn`` is read before its ReLU, ``linear`` gives logits.
-        return [(n, getattr(self, n)) for n in ("conv1", "layer1", "layer2", "layer3", "layer4", "bn", "linear")]
+        # Top-level children as in the authors' hooks; ``bn`` is read before its ReLU, ``linear`` gives logits
+        names = ("conv1", "layer1", "layer2", "layer3", "layer4", "bn", "linear")
+        return [(n, getattr(self, n)) for n in names]
 
 
 register("vgg11bn")(VGG11BN)
@@ -213,4 +217,5 @@ def build_model(
     """Instantiate a registered architecture by name."""
     if arch not in ARCHS:
         raise KeyError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
-    return ARCHS[arch](num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, width=width, stem=stem)
+    return ARCHS[arch](num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, width=width,
+                       stem=stem)

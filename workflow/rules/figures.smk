@@ -23,6 +23,8 @@ for _family, _fam in families.FAMILIES.items():
         benchmark:
             paths.benchmark("figures", f"{paths.FIGURE_DIR}/{_family}/{_fam.stem}")
         threads: 1
+        resources:
+            gpu=0,  # CPU only: memory, runtime and partition come from the profile
         conda:
             "../envs/ncpipe.yaml"
         shell:
@@ -48,7 +50,11 @@ rule accuracy_table:
         stem=lambda wc: families.ACCURACY_STEM.format(**dict(wc.items())),
     log:
         paths.log("tables", f"{paths.TABLE_DIR}/{families.ACCURACY_STEM}"),
+    benchmark:
+        paths.benchmark("tables", f"{paths.TABLE_DIR}/{families.ACCURACY_STEM}")
     threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:
@@ -64,7 +70,11 @@ rule train_logs:
         table=paths.ALL_TRAIN_LOGS,
     log:
         paths.log("train_logs", paths.ALL_TRAIN_LOGS),
+    benchmark:
+        paths.benchmark("train_logs", paths.ALL_TRAIN_LOGS)
     threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:
@@ -81,6 +91,11 @@ rule figures:
         index=paths.FIGURES_INDEX,
     log:
         paths.log("figures_index", paths.FIGURES_INDEX),
+    benchmark:
+        paths.benchmark("figures_index", paths.FIGURES_INDEX)
+    threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:

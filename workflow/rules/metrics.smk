@@ -9,6 +9,8 @@ rule metrics:
     benchmark:
         paths.benchmark("metrics", paths.METRICS)
     threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:
@@ -26,6 +28,8 @@ rule aggregate:
     benchmark:
         paths.benchmark("aggregate", paths.ALL_METRICS)
     threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:
@@ -66,6 +70,8 @@ rule aggregate_layerwise:
     benchmark:
         paths.benchmark("aggregate_layerwise", paths.ALL_LAYERWISE)
     threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
     conda:
         "../envs/ncpipe.yaml"
     shell:
