@@ -79,6 +79,11 @@ def prepare_model(model: NCModel, runtime: dict[str, Any], device: torch.device)
         model.to(memory_format=torch.channels_last)
     if runtime.get("compile"):
         try:
+            import torch._dynamo as dynamo
+
+            # compilation is lazy: a backend that fails at the first call (no compiler, unsupported op) must
+            # fall back to eager execution instead of killing a long run
+            dynamo.config.suppress_errors = True
             return torch.compile(model)  # type: ignore[return-value]
         except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
             log.warning("torch.compile unavailable (%s); running eagerly", err)
