@@ -23,6 +23,14 @@ def _spec(s: str) -> dict:
     return json.loads(Path(s[1:]).read_text()) if s.startswith("@") else json.loads(s)
 
 
+def _write_csv(df, out: str) -> None:
+    """Write a table atomically: a killed job never leaves a half-written CSV under its final name."""
+    from .utils import atomic_output
+
+    with atomic_output(out) as tmp:
+        df.to_csv(tmp, index=False)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import run_training
 
@@ -41,20 +49,15 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 def cmd_metrics(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_dump
-    from .utils import atomic_output
 
-    df = evaluate_dump(a.dump, regime=a.regime)
-    with atomic_output(a.out) as tmp:
-        df.to_csv(tmp, index=False)
+    _write_csv(evaluate_dump(a.dump, regime=a.regime), a.out)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .evaluate import aggregate
-    from .utils import atomic_output
 
     df = aggregate(a.tables)
-    with atomic_output(a.out) as tmp:
-        df.to_csv(tmp, index=False)
+    _write_csv(df, a.out)
     log.info("%d rows from %d tables -> %s", len(df), len(a.tables), a.out)
 
 
@@ -66,11 +69,9 @@ def cmd_layerwise(a: argparse.Namespace) -> None:
 
 def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
     from .layerwise import aggregate
-    from .utils import atomic_output
 
     df = aggregate(a.tables)
-    with atomic_output(a.out) as tmp:
-        df.to_csv(tmp, index=False)
+    _write_csv(df, a.out)
     log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
 
 
@@ -90,11 +91,9 @@ def cmd_tables(a: argparse.Namespace) -> None:
 
 def cmd_train_logs(a: argparse.Namespace) -> None:
     from .tables import aggregate_train_logs
-    from .utils import atomic_output
 
     df = aggregate_train_logs(a.logs)
-    with atomic_output(a.out) as tmp:
-        df.to_csv(tmp, index=False)
+    _write_csv(df, a.out)
     log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
 
 

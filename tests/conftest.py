@@ -59,3 +59,15 @@ def tiny_dump(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_dump")
     ckpt = make_checkpoint(root)
     return {"checkpoint": ckpt, "dump": make_dump(root, ckpt)}
+
+
+@pytest.fixture
+def torch_global_state():
+    """One torch thread (as the `--threads 1` subprocesses use) and, afterwards, the global switches that
+    training flips (deterministic algorithms) restored, so a test cannot leak them into the next."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det, warn_only=warn)

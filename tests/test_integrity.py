@@ -29,13 +29,8 @@ from ncpipe.train import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_restore():
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det, warn_only=warn)
+def _one_thread_and_restore(torch_global_state):
+    """Every test here runs under conftest's torch_global_state."""
 
 
 # ------------------------------------------------------------------------------------------- NaN / inf loss

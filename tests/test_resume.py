@@ -64,14 +64,8 @@ def _cached_data():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_restore():
-    """Same thread count as the subprocess (--threads 1); undo the global switches training sets."""
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(det, warn_only=warn)
+def _one_thread_and_restore(torch_global_state):
+    """Every test here runs under conftest's torch_global_state."""
 
 
 def train(root: Path, spec: dict[str, Any], **kw: Any) -> dict[int, str]:
