@@ -87,6 +87,6 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
                     g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
                 params = attacks.kind_params(kind, **adv, target_rule=spec["target_rule"],
                                              input_numel=int(xs[0].numel()))
-                set_attrs(g, {**params, "split": split, "num_samples": len(lab),
-                              "accuracy": float((pm == lab).mean()) if len(lab) else math.nan})
-                log.info("%s/%s: accuracy %.4f", split, kind, float((pm == lab).mean()))
+                acc = float((pm == lab).mean()) if len(lab) else math.nan
+                set_attrs(g, {**params, "split": split, "num_samples": len(lab), "accuracy": acc})
+                log.info("%s/%s: accuracy %.4f", split, kind, acc)
