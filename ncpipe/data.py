@@ -327,12 +327,5 @@ def ensure_datasets(names: list[str], data_dir: str | Path, download: bool) -> N
             LOADERS[name](Path(data_dir), download=True)
 
 
-def batches(n: int, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-            device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Index batches over ``n`` samples (shuffled with ``generator``); the last partial batch is kept."""
-    idx = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return [b.to(device) for b in idx.split(batch_size)]
-
-
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255.0)

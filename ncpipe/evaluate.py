@@ -6,7 +6,6 @@ Every number comes from ``ncpipe.metrics``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -91,7 +90,3 @@ def aggregate(tables: list[str | os.PathLike]) -> pd.DataFrame:
     frames = [pd.read_csv(t) for t in tables]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return df.sort_values([*ID_COLUMNS, "grouping", "metric"], kind="stable").reset_index(drop=True)
-
-
-def is_missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
