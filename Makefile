@@ -7,10 +7,10 @@ CORES  ?= 2
 
 .PHONY: run test lint report clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet "pip==26.3"
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 run: $(VENV)/.installed
