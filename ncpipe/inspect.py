@@ -21,9 +21,9 @@ PROVENANCE = ("format_version", "complete", "dataset", "arch", "width", "method"
               "seed", "epoch", "num_classes", "feature_layer", "norm", "epsilon_255", "epsilon", "step",
               "steps", "restarts", "checkpoint", "checkpoint_sha256", "created_utc", "ncpipe_version",
               "torch_version")
+MAX_CLASS_COLUMNS = 20
 # Relative row-norm error allowed by --verify.  Any change of weights moves features by O(1); these bounds
 # only absorb float16 storage rounding, TF32 convolutions on GPUs, and bf16 autocast (runtime.amp).
-MAX_CLASS_COLUMNS = 20
 VERIFY_TOL = {"float32": 5e-3, "float16": 5e-3, "amp": 5e-2}
 
 
@@ -106,10 +106,10 @@ def _feature_group(f: h5py.File, split: str, kind: str, c: int) -> dict[str, Any
 def _layer_groups(f: h5py.File, c: int) -> list[dict[str, Any]]:
     rows = []
     for layer in f["layers"]:
+        la = attrs_dict(f[f"layers/{layer}"])
         for kind in sorted(f[f"layers/{layer}"], key=kind_sort_key):
             g = f[f"layers/{layer}/{kind}"]
             a = attrs_dict(g)
-            la = attrs_dict(f[f"layers/{layer}"])
             lab = g["labels"][:] if "labels" in g else np.zeros(0, dtype=np.int64)
             cc = max(c, int(lab.max(initial=-1)) + 1)
             rows.append({"path": g.name, "layer": a.get("layer", la.get("layer", layer)),
