@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .io import DumpError, attrs_dict, group_keys, kind_sort_key, open_dump
+from .io import SPLITS, DumpError, attrs_dict, group_keys, kind_sort_key, open_dump
 
 # Root attributes shown in the provenance block, in this order (the rest follow alphabetically).
 PROVENANCE = ("format_version", "complete", "dataset", "arch", "width", "method", "training_adversary",
@@ -62,7 +62,7 @@ def _counts(x: np.ndarray, c: int) -> list[int]:
 def file_kind(f: h5py.File) -> str:
     if "layers" in f:
         return "layerwise"
-    if "classifier" in f or any(s in f for s in ("train", "test")):
+    if "classifier" in f or any(s in f for s in SPLITS):
         return "features"
     return "unknown"
 
@@ -218,7 +218,7 @@ def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
             raise DumpError(f"{path}: --verify supports feature dumps only (this is a {file_kind(f)} file)")
         root = _root_attrs(f)
         stored = {}
-        for split in ("train", "test"):
+        for split in SPLITS:
             if f"{split}/clean" not in f:
                 continue
             g = f[f"{split}/clean"]
