@@ -227,8 +227,8 @@ def ncc_predict(features: ArrayLike, means: ArrayLike) -> np.ndarray:
     rule = _NCCRule(means, _device_of(feats))
     if rule.means.shape[1] != feats.shape[1]:
         raise ValueError(f"means have dimension {rule.means.shape[1]}, features {feats.shape[1]}")
-    out = [rule.predict64(_features64(feats[i : i + _chunk_rows(feats.shape[1])]))
-           for i in range(0, feats.shape[0], _chunk_rows(feats.shape[1]))]
+    step = _chunk_rows(feats.shape[1])
+    out = [rule.predict64(_features64(feats[i : i + step])) for i in range(0, feats.shape[0], step)]
     if not out:
         return np.zeros(0, dtype=np.int64)
     return torch.cat(out).cpu().numpy().astype(np.int64)
@@ -263,10 +263,8 @@ def ncc_accuracy(features: ArrayLike, labels: ArrayLike, means: ArrayLike) -> fl
     split and perturbation.
     """
     acc = NCCAccuracy(means)
-    n = _as_array(features).shape[0]
-    step = _chunk_rows(_as_array(features).shape[1])
-    for i in range(0, n, step):
-        acc.update(features[i : i + step], labels[i : i + step])
+    for xs, ys in _row_chunks(_as_array(features), labels):
+        acc.update(xs, ys)
     return acc.accuracy
 
 
