@@ -209,8 +209,7 @@ def save(fig: plt.Figure, stem: str, formats: list[str], dpi: int) -> list[str]:
     out = []
     for ext in formats:
         path = f"{stem}.{ext}"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
+        with atomic_output(path) as tmp:  # it creates the directory
             fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")
         out.append(path)
     plt.close(fig)
