@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
+from .grid import method_of  # noqa: E402
 from .utils import atomic_output  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
@@ -334,7 +335,7 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
 def _regime_order(regimes: list[str]) -> list[str]:
     return sorted(
         set(regimes),
-        key=lambda r: (METHOD_ORDER.index(r.split("_")[0]) if r.split("_")[0] in METHOD_ORDER else 9, r),
+        key=lambda r: (METHOD_ORDER.index(method_of(r)) if method_of(r) in METHOD_ORDER else 9, r),
     )
 
 

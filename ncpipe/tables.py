@@ -19,6 +19,7 @@ import pandas as pd
 from . import paths
 from .families import ACCURACY_STEM
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
+from .grid import method_of
 from .utils import atomic_output
 
 # (column, split, perturbation, metric, header)
@@ -158,7 +159,7 @@ def aggregate_train_logs(logs: list[str | os.PathLike]) -> pd.DataFrame:
                 dataset=ident["dataset"],
                 arch=ident["arch"],
                 regime=ident["regime"],
-                method=ident["regime"].split("_")[0],
+                method=method_of(ident["regime"]),
                 seed=int(ident["seed"]),
             )
         )
