@@ -121,15 +121,21 @@ def stem_keys(family: str) -> list[str]:
     return re.findall(r"{(\w+)}", FAMILIES[family].stem)
 
 
+def _match_stem(pattern: str, stem: str) -> dict[str, str] | None:
+    """The wildcards of ``stem`` as an instance of ``pattern`` (``None`` if it is not one)."""
+    rx = re.escape(pattern)
+    for k, sub in _WILDCARD_RE.items():
+        rx = rx.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{sub})")
+    m = re.fullmatch(rx, stem)
+    return None if m is None else m.groupdict()
+
+
 def parse_stem(family: str, stem: str) -> dict[str, str]:
     """The wildcards of a family's file stem (inverse of ``stem_wildcards``)."""
-    pattern = re.escape(FAMILIES[family].stem)
-    for k, rx in _WILDCARD_RE.items():
-        pattern = pattern.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{rx})")
-    m = re.fullmatch(pattern, stem)
-    if m is None:
+    w = _match_stem(FAMILIES[family].stem, stem)
+    if w is None:
         raise ValueError(f"{stem!r} is not a {family} figure name ({FAMILIES[family].stem})")
-    return m.groupdict()
+    return w
 
 
 def stem_wildcards(config: dict[str, Any], family: str) -> list[dict[str, str]]:
@@ -173,6 +179,14 @@ TABLE_FORMATS = ("csv", "tex")
 def table_path(stem: str, ext: str) -> str:
     """The file of one accuracy table (``stem`` may be ``ACCURACY_STEM`` itself)."""
     return f"{paths.TABLE_DIR}/{stem}.{ext}"
+
+
+def parse_table_stem(stem: str) -> dict[str, str]:
+    """``dataset``, ``norm`` and ``eps`` of an accuracy table's stem (inverse of ``table_stems``)."""
+    w = _match_stem(ACCURACY_STEM, stem)
+    if w is None:
+        raise ValueError(f"{stem!r} is not an accuracy table name ({ACCURACY_STEM})")
+    return w
 
 
 def table_stems(config: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
-from .families import ACCURACY_STEM
+from .families import parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
 from .grid import method_of
 from .utils import atomic_output
@@ -119,15 +119,13 @@ def write_accuracy_tables(
     metrics = pd.read_csv(metrics_csv)
     out = []
     for stem in stems:
-        m = re.fullmatch(r"accuracy_final__(?P<dataset>[a-z0-9]+)__(?P<norm>linf|l2)(?P<eps>[0-9.]+)", stem)
-        if m is None:
-            raise ValueError(f"{stem!r} is not an accuracy table name ({ACCURACY_STEM})")
-        t = accuracy_table(metrics, **m.groupdict())
+        sel = parse_table_stem(stem)
+        t = accuracy_table(metrics, **sel)
         base = Path(outdir) / stem
         with atomic_output(f"{base}.csv") as tmp:
             t.to_csv(tmp, index=False, float_format="%.4g")
         with atomic_output(f"{base}.tex") as tmp:
-            Path(tmp).write_text(to_latex(t, **m.groupdict()))
+            Path(tmp).write_text(to_latex(t, **sel))
         out += [f"{base}.csv", f"{base}.tex"]
     return out
 
