@@ -9,37 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-METRICS_COLUMNS = [
-    "dataset",
-    "arch",
-    "method",
-    "norm",
-    "epsilon",
-    "seed",
-    "epoch",
-    "split",
-    "perturbation",
-    "grouping",
-    "metric",
-    "value",
-    "regime",
-]
-LAYERWISE_COLUMNS = [
-    "dataset",
-    "arch",
-    "method",
-    "regime",
-    "norm",
-    "epsilon",
-    "seed",
-    "epoch",
-    "split",
-    "perturbation",
-    "layer",
-    "layer_index",
-    "metric",
-    "value",
-]
+from ncpipe import evaluate, layerwise
+
+# The real tables' own column lists, so the synthetic tables cannot drift from them.
+METRICS_COLUMNS = evaluate.COLUMNS
+LAYERWISE_COLUMNS = layerwise.COLUMNS
+
 NC = [
     "accuracy",
     "nc1",
