@@ -15,16 +15,6 @@ from ncpipe import evaluate, layerwise
 METRICS_COLUMNS = evaluate.COLUMNS
 LAYERWISE_COLUMNS = layerwise.COLUMNS
 
-NC = [
-    "accuracy",
-    "nc1",
-    "nc1_over_c",
-    "nc2_equinorm_means",
-    "nc2_equiangular_means",
-    "nc3",
-    "nc4",
-    "ncc_accuracy",
-]
 ALIGN = [
     "align_angle_centred",
     "align_dist_centred",
