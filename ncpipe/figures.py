@@ -199,10 +199,10 @@ def finish(
     return fig
 
 
-def empty_figure(title: str, why: str = "no data for this figure in the table") -> plt.Figure:
+def empty_figure(title: str) -> plt.Figure:
     fig = plt.figure(figsize=(6, 2))
     fig.text(0.5, 0.6, title, ha="center", fontsize=9)
-    fig.text(0.5, 0.3, why, ha="center")
+    fig.text(0.5, 0.3, "no data for this figure in the table", ha="center")
     return fig
 
 
