@@ -318,6 +318,19 @@ def test_accuracy_table_mean_and_sd_over_seeds():
     assert r"$\ell_\infty$ $\epsilon = 8/255$" in tex
 
 
+def test_accuracy_table_stems_round_trip():
+    stems = families.table_stems(load_config(ROOT / "config" / "config.yaml"))
+    assert stems
+    for stem in stems:
+        assert families.ACCURACY_STEM.format(**families.parse_table_stem(stem)) == stem
+    assert families.parse_table_stem("accuracy_final__cifar10__l2128.5") == {
+        "dataset": "cifar10",
+        "norm": "l2",
+        "eps": "128.5",
+    }
+    with pytest.raises(ValueError, match="not an accuracy table name"):
+        families.parse_table_stem("accuracy_final__cifar10__l38")
+
 def test_train_logs_get_their_run_identity_from_the_path(tmp_path):
     logs = []
     for regime, seed in [("st", 1), ("at_linf8", 2)]:
