@@ -14,11 +14,6 @@ from typing import Any
 
 from . import paths
 
-METHODS = ("st", "at", "trades")
-NORMS = ("linf", "l2")
-SPLITS = ("train", "test")
-KINDS = ("clean", "pgd", "targeted", "gaussian", "sign")
-
 
 def fmt_eps(eps: float) -> str:
     """8 -> '8', 0.5 -> '0.5': epsilons in 1/255 units print without a trailing .0 so paths stay stable."""
