@@ -278,11 +278,11 @@ def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figu
         return tuple(Series(lb, metric, k, g, c, scale) for lb, k, g, c in lines)
 
     align = [
-        ("centred means", "align_angle_centred", "#9467bd"),
+        ("centred means", "align_angle_centred", "#e377c2"),
         ("raw means", "align_angle_uncentred", "#17becf"),
     ]
     dist = [
-        ("centred means", "align_dist_centred", "#9467bd"),
+        ("centred means", "align_dist_centred", "#e377c2"),
         ("raw means", "align_dist_uncentred", "#17becf"),
     ]
     panels = [
