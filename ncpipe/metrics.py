@@ -43,6 +43,8 @@ ArrayLike = Any  # numpy array or torch tensor
 
 # Rows per chunk are chosen so that one float64 chunk holds about this many elements (32 MiB).
 _CHUNK_ELEMENTS = 1 << 22
+# Rows per pass-2 block of in-memory float64 data: about this many elements (4 MiB).
+_BLOCK_ELEMENTS = 1 << 19
 # In-memory inputs up to this many elements (256 MiB as float64) are cast once instead of once per pass.
 _CAST_ONCE_ELEMENTS = 1 << 25
 
@@ -130,6 +132,12 @@ def _add_class_sums(sums: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul
 
 def _chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, dim))
+
+
+def _block_rows(dim: int) -> int:
+    # pass 2 over float64 data already in memory: 1,024 rows at D = 512 measured fastest (the product and
+    # its N x C results stay in cache), but never fewer than 64 rows, or per-block overhead dominates
+    return max(64, _BLOCK_ELEMENTS // max(1, dim))
 
 
 def _row_chunks(features: ArrayLike, labels: ArrayLike) -> Iterator[tuple[ArrayLike, ArrayLike]]:
@@ -297,12 +305,14 @@ class ClassStats:
         self._proj_sq: torch.Tensor | None = None
         self._counts2: torch.Tensor | None = None
         self._ncc_correct = 0
+        self._net_correct = 0  # with a classifier given to _within64
+        self._net_agree = 0
         self._means_basis: torch.Tensor | None = None
         self._classes: torch.Tensor | None = None
         self._keep: torch.Tensor | None = None
-        self._centred_basis: torch.Tensor | None = None
-        self._centred_sq: torch.Tensor | None = None
-        self._global_basis: torch.Tensor | None = None
+        self._ncc_rhs: torch.Tensor | None = None
+        self._ncc_const: torch.Tensor | None = None
+        self._np: tuple[np.ndarray, ...] | None = None  # zero-copy numpy views of the pass-2 tensors (CPU)
         self._rhs: torch.Tensor | None = None
         self._rhs_extra: torch.Tensor | None = None
 
@@ -371,41 +381,73 @@ class ClassStats:
         self._means_basis = means @ basis
         # NCC from the projections: ||h - mu_c||^2 = ||h - mu_G||^2 - 2 <h - mu_G, mt_c> + ||mt_c||^2, and
         # every centred mean mt_c lies in span(basis), so <h - mu_G, mt_c> = <B^T h - B^T mu_G, B^T mt_c>.
-        self._centred_basis = centred @ basis  # C_present x r
-        self._centred_sq = (self._centred_basis**2).sum(dim=1)
-        self._global_basis = global_mean @ basis
+        # argmin_c ||mt_c||^2 - 2 <p - B^T mu_G, B^T mt_c> as one product plus a constant row (no copy of p)
+        centred_basis = centred @ basis  # C_present x r
+        self._ncc_rhs = (-2.0 * centred_basis.T).contiguous()
+        self._ncc_const = (centred_basis**2).sum(dim=1) + 2.0 * centred_basis @ (global_mean @ basis)
         self._proj_sq = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
         self._rhs, self._rhs_extra = None, None
         self._counts2 = torch.zeros_like(self._counts)
         self._frozen = True
 
     # ------------------------------------------------------------------ pass 2
-    def _within64(self, x: torch.Tensor, y: torch.Tensor,
-                  extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pass 2 on a float64 chunk; returns the NCC predictions and ``x @ extra.T`` (e.g. the logits)."""
+    def _within64(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Pass 2 on a float64 chunk; returns the NCC predictions. Given a classifier (``weight``, C x D,
+        and ``bias``), also counts where the network's argmax(W h + b) is right and agrees with the NCC."""
         self.freeze()
-        if self._rhs is None or self._rhs_extra is not extra:
-            # one matmul gives the projections (hence NC1 and the NCC scores) and the extra product
-            parts = [self._basis] + ([extra.T] if extra is not None else [])
-            self._rhs, self._rhs_extra = torch.cat(parts, dim=1).contiguous(), extra
+        if self._rhs is None or self._rhs_extra is not weight:
+            # one matmul gives the projections (hence NC1 and the NCC scores) and the logits
+            parts = [self._basis] + ([weight.T] if weight is not None else [])
+            self._rhs, self._rhs_extra, self._np = torch.cat(parts, dim=1).contiguous(), weight, None
         r = self._basis.shape[1]
-        prod = _mm(x, self._rhs)
+        if weight is not None and bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        if x.device.type == "cpu" and _numpy_blas_ok():
+            return self._within_numpy(x, y, r, bias)
+        prod = x @ self._rhs
         p = prod[:, :r]
         # <z_i, v> = <h_i, v> - <mu_{y_i}, v>: cancellation costs eps * |h| / |z| relative, harmless
         q = p - self._means_basis[y]
         self._proj_sq += (q * q).sum(dim=0)
         self._counts2 += torch.bincount(y, minlength=self.num_classes)
-        scores = self._centred_sq[None, :] - 2.0 * _mm(p - self._global_basis, self._centred_basis.T)
-        pred = self._classes[torch.argmin(scores, dim=1)]
+        pred = self._classes[torch.argmin(p @ self._ncc_rhs + self._ncc_const, dim=1)]
         self._ncc_correct += int((pred == y).sum())
-        return pred, (prod[:, r:] if extra is not None else None)
+        if bias is not None:
+            net = torch.argmax(prod[:, r:] + bias, dim=1)
+            self._net_correct += int((net == y).sum())
+            self._net_agree += int((net == pred).sum())
+        return pred
+
+    def _within_numpy(self, x: torch.Tensor, y: torch.Tensor, r: int,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """``_within64`` on the CPU through numpy: its BLAS and ufuncs took half the time of torch's here
+        (tall-skinny float64 products, gathers), and staying in one thread pool keeps torch's OpenMP workers
+        from spinning against OpenBLAS's between calls (that alone doubled the time at C = 100)."""
+        if self._np is None:
+            self._np = tuple(t.numpy() for t in (self._rhs, self._means_basis, self._ncc_rhs, self._ncc_const,
+                                                  self._classes, self._proj_sq, self._counts2))
+        rhs, means_basis, ncc_rhs, ncc_const, classes, proj_sq, counts2 = self._np
+        xn, yn = x.numpy(), y.numpy()
+        prod = xn @ rhs
+        p = prod[:, :r]
+        q = p - means_basis[yn]
+        proj_sq += np.einsum("ij,ij->j", q, q)  # in place: a view of self._proj_sq
+        counts2 += np.bincount(yn, minlength=self.num_classes)
+        pred = classes[np.argmin(p @ ncc_rhs + ncc_const, axis=1)]
+        self._ncc_correct += int(np.count_nonzero(pred == yn))
+        if bias is not None:
+            net = np.argmax(prod[:, r:] + bias.numpy(), axis=1)
+            self._net_correct += int(np.count_nonzero(net == yn))
+            self._net_agree += int(np.count_nonzero(net == pred))
+        return torch.from_numpy(pred)
 
     def update_within(self, features: ArrayLike, labels: ArrayLike) -> np.ndarray:
         """Pass-2 update; returns the NCC predictions (own means) of the chunk."""
         self.freeze()
         x = _features64(features, self.device)
         y = _labels(labels, x.shape[0], self.num_classes, self.device)
-        return self._within64(x, y)[0].cpu().numpy()
+        return self._within64(x, y).cpu().numpy()
 
     def _check_pass2(self) -> None:
         if not self._frozen or self._counts2 is None:
@@ -477,22 +519,22 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         if b.shape[0] != c:
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
     lab = _as_array(labels)
-    if n * d <= _CAST_ONCE_ELEMENTS:
-        feats = _features64(feats)
-
     stats = ClassStats(c)
-    for xs, ys in _row_chunks(feats, lab):
-        stats.update(xs, ys)
+    if n * d <= _CAST_ONCE_ELEMENTS:
+        # in memory: cast and check once, pass 1 in one call, pass 2 in blocks that stay in cache
+        feats = _features64(feats)
+        lab = _labels(lab, n, c, feats.device)
+        stats.update(feats, lab)
+        step = _block_rows(d)
+        pass2 = ((feats[i : i + step], lab[i : i + step]) for i in range(0, n, step))
+    else:
+        for xs, ys in _row_chunks(feats, lab):
+            stats.update(xs, ys)
+        pass2 = ((_features64(xs, stats.device), _labels(ys, len(ys), c, stats.device))
+                 for xs, ys in _row_chunks(feats, lab))
     stats.freeze()
-    agree = correct = 0
-    for xs, ys in _row_chunks(feats, lab):
-        x = _features64(xs, stats.device)
-        y = _labels(ys, x.shape[0], c, stats.device)
-        ncc, logits = stats._within64(x, y, w)
-        if w is not None:
-            net = torch.argmax(logits + b, dim=1)
-            agree += int((net == ncc).sum())
-            correct += int((net == y).sum())
+    for x, y in pass2:
+        stats._within64(x, y, w, b)
 
     out: dict[str, float] = dict(stats.nc1())
     present = stats.counts > 0
@@ -507,8 +549,8 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         with np.errstate(invalid="ignore", divide="ignore"):
             diff = wp / np.linalg.norm(wp) - centred / np.linalg.norm(centred)
         out["nc3"] = float((diff**2).sum())
-        out["nc4"] = 1.0 - agree / n
-        out["accuracy"] = correct / n
+        out["nc4"] = 1.0 - stats._net_agree / n
+        out["accuracy"] = stats._net_correct / n
     out["ncc_accuracy"] = stats.ncc_accuracy
     return out
 

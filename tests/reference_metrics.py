@@ -1,9 +1,14 @@
 """A deliberately plain reference for ``ncpipe.metrics``: the definitions of paper.md section 2, written out.
 
-Explicit D x D covariance matrices, ``scipy.linalg.pinv`` with its default cutoff, and Python loops (over
-classes, class pairs and, for the NCC / network predictions, over samples, as the authors' code does). Slow on
-purpose: it is the yardstick the fast code is tested against (tests/test_metrics.py) and timed against
-(benchmarks/metrics_speed.py). Same conventions as the fast code: absent classes are left out.
+Explicit D x D covariance matrices, ``scipy.linalg.pinv`` with its default cutoff, and Python loops: Sigma_W
+sums one outer product ``z_i z_i^T`` per sample, literally as the definition (and the authors' code, which
+forms the per-sample outer products of each batch) writes it; the NCC and network predictions are taken one
+sample at a time, as in the authors' code; NC2 loops over class pairs. It is the yardstick the fast code is
+tested against (tests/test_metrics.py) and timed against (benchmarks/metrics_speed.py). Same conventions as
+the fast code: absent classes are left out.
+
+``scatter="classes"`` builds Sigma_W instead with one BLAS product ``Z_c^T Z_c`` per class: the same matrix,
+the fastest way to form it explicitly; the benchmark shows that baseline too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import scipy.linalg
 
 
 def reference_neural_collapse(features: Any, labels: Any, weight: Any = None, bias: Any = None,
-                              num_classes: int | None = None) -> dict[str, float]:
+                              num_classes: int | None = None, scatter: str = "samples") -> dict[str, float]:
     h = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     n, d = h.shape
@@ -28,9 +33,16 @@ def reference_neural_collapse(features: Any, labels: Any, weight: Any = None, bi
     means = {c: h[y == c].mean(axis=0) for c in classes}
     mu_g = h.mean(axis=0)  # equals the count-weighted mean of the class means
     sw = np.zeros((d, d))
-    for c in classes:
-        z = h[y == c] - means[c]
-        sw += z.T @ z
+    if scatter == "samples":
+        for i in range(n):
+            z = h[i] - means[int(y[i])]
+            sw += np.outer(z, z)
+    elif scatter == "classes":
+        for c in classes:
+            z = h[y == c] - means[c]
+            sw += z.T @ z
+    else:
+        raise ValueError(f"scatter must be 'samples' or 'classes', not {scatter!r}")
     sw /= n
     mt = np.stack([means[c] - mu_g for c in classes])  # C x D
     sb = mt.T @ mt / c_num

@@ -170,10 +170,11 @@ def test_torch_and_numpy_inputs_agree() -> None:
     (400, 600, 100, ()),  # C = 100 and D > N
     (300, 40, 12, (4, 11)),  # classes absent from the labels
 ])
-def test_agrees_with_reference(n: int, d: int, c: int, absent: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("scatter", ["samples", "classes"])
+def test_agrees_with_reference(n: int, d: int, c: int, absent: tuple[int, ...], scatter: str) -> None:
     h, y, w, b = random_problem(n, d, c, seed=n + d + c, absent=absent)
     fast = metrics.neural_collapse(h, y, w, b, num_classes=c)
-    ref = reference_neural_collapse(h, y, w, b, num_classes=c)
+    ref = reference_neural_collapse(h, y, w, b, num_classes=c, scatter=scatter)
     assert set(fast) == set(NC_KEYS)
     assert_close_dict(fast, ref, rtol=1e-8, keys=NC_KEYS)
 
@@ -306,6 +307,24 @@ def test_ncc_predict_chunked_matches_brute_force(monkeypatch: pytest.MonkeyPatch
     h, means = rng.normal(size=(500, 64)), rng.normal(size=(7, 64))
     brute = np.argmin(((h[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
     assert np.array_equal(metrics.ncc_predict(h, means), brute)
+
+
+@pytest.mark.parametrize("numpy_blas", [True, False])
+def test_backends_and_blocking_agree(monkeypatch: pytest.MonkeyPatch, numpy_blas: bool) -> None:
+    # pass 2 runs through numpy's BLAS or through torch (the code path of accelerators); in memory it works
+    # in cache-sized blocks, beyond _CAST_ONCE_ELEMENTS in cast-per-chunk pieces: all must agree
+    h, y, w, b = random_problem(700, 48, 9, seed=5)
+    ref = reference_neural_collapse(h, y, w, b)
+    monkeypatch.setattr(metrics, "_numpy_blas_ok", lambda: numpy_blas)
+    assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 1000)  # 64-row blocks (the floor), a ragged last one
+    assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
+    monkeypatch.setattr(metrics, "_CAST_ONCE_ELEMENTS", 100)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 48 * 50)  # 50-row chunks
+    assert_close_dict(metrics.neural_collapse(h.astype(np.float32), y, w, b),
+                      metrics.neural_collapse(h.astype(np.float32).astype(np.float64), y, w, b),
+                      rtol=1e-12, keys=NC_KEYS)
+    assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
 
 
 def test_errors() -> None:
