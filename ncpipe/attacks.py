@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import schema_enum
+
 NORMS = ("linf", "l2")
 
 # Relative margin by which l_2 projections aim inside the ball, so that float32 rounding of x + delta (half an
@@ -479,7 +481,7 @@ def random_sign_l2(x: torch.Tensor, radius: float, generator: torch.Generator | 
 
 
 # ------------------------------------------------------------------------------------------------ dispatcher
-KINDS = ("clean", "pgd", "targeted", "gaussian", "sign")
+KINDS = schema_enum("attack", "kinds")
 
 # Which noise baseline stands for a threat model (paper.md section 5.3): per-pixel sigma = eps / a random
 # l_inf vertex for l_inf; the Gaussian direction / a sign pattern rescaled to l_2 norm eps for l_2.

@@ -8,6 +8,7 @@ and adds the checks a JSON schema cannot express (checkpoint epochs within the r
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,18 @@ class ConfigError(ValueError):
 def load_schema() -> dict[str, Any]:
     with open(SCHEMA_PATH) as fh:
         return yaml.safe_load(fh)
+
+
+@functools.cache
+def schema_enum(*keys: str) -> tuple[str, ...]:
+    """The allowed values of a config list, in the schema's order: ``schema_enum("attack", "kinds")``.
+
+    The schema is the single list of names (perturbation kinds, splits, ...); modules take theirs from here.
+    """
+    node: dict[str, Any] = load_schema()
+    for k in keys:
+        node = node["properties"][k]
+    return tuple(node.get("items", node)["enum"])
 
 
 def _key(path: Iterable[Any]) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from .io import attrs_dict, open_dump
+from .io import SPLITS, attrs_dict, open_dump
 
 log = logging.getLogger("ncpipe.evaluate")
 
@@ -56,7 +56,7 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.Data
                  "norm": root["norm"],
                  "epsilon": root["epsilon_255"], "seed": root["seed"], "epoch": root["epoch"],
                  "regime": regime or root["method"]}
-        data = {(s, k): {n: f[f"{s}/{k}/{n}"][:] for n in f[f"{s}/{k}"]} for s in ("train", "test") if s in f
+        data = {(s, k): {n: f[f"{s}/{k}/{n}"][:] for n in f[f"{s}/{k}"]} for s in SPLITS if s in f
                 for k in f[s]}
     rows: list[dict] = []
     train_clean_means = None

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
 from .grid import method_of  # noqa: E402
+from .io import KIND_ORDER  # noqa: E402
 from .utils import atomic_output  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
@@ -315,7 +316,7 @@ ALIGN_PANELS = [
 def _draw_alignment(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
     df = select(tables["metrics"], sel)
     df = df[df["split"] == "train"]
-    kinds = ("pgd", "targeted", "gaussian", "sign")
+    kinds = tuple(k for k in KIND_ORDER if k != "clean")  # each is compared with the clean means
     panels = [Panel(lbl, _by_perturbation(m, s, kinds)) for m, lbl, s in ALIGN_PANELS]
     return epoch_panels(
         df,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from .config import schema_enum
 from .utils import atomic_output
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,9 +43,9 @@ SUPPORTED_MAJOR = 1
 # 512-row ones, while size and whole-matrix reads barely change (benchmarks/hdf5_layout.py; numbers in
 # docs/hdf5-format.md).
 CHUNK_BYTES = 1 << 18
-SPLITS = ("train", "test")
-# Display / stacking order of perturbation kinds; kinds unknown here sort after these.
-KIND_ORDER = ("clean", "pgd", "targeted", "gaussian", "sign")
+SPLITS = schema_enum("attack", "splits")
+# Display / stacking order of perturbation kinds (the schema's); kinds unknown here sort after these.
+KIND_ORDER = schema_enum("attack", "kinds")
 
 
 class DumpError(RuntimeError):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ncpipe.config import ConfigError, load_config, load_schema, validate_config
+from ncpipe.config import ConfigError, load_config, load_schema, schema_enum, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DELETE = object()
@@ -152,3 +152,18 @@ def test_snakemake_command_line_rejects_bad_config(tmp_path):
     assert "WorkflowError" in out and "invalid configuration" in out
     assert "'methods[1]'" in out and "'sgd'" in out and "['st', 'at', 'trades']" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_names_come_from_the_schema():
+    # the schema is the one list of names: modules read theirs from it; the code's registries must match it
+    from ncpipe import attacks, data, models
+    from ncpipe import io as nio
+
+    assert nio.KIND_ORDER == attacks.KINDS == schema_enum("attack", "kinds")
+    assert nio.SPLITS == schema_enum("attack", "splits") == ("train", "test")
+    assert tuple(load_schema()["$defs"]["threat"]["properties"]["norm"]["enum"]) == attacks.NORMS
+    assert set(schema_enum("datasets")) == set(data.LOADERS)
+    assert set(schema_enum("archs")) == set(models.ARCHS)
+    assert schema_enum("methods") == ("st", "at", "trades")
+    with pytest.raises(KeyError):
+        schema_enum("no_such_key")
