@@ -26,22 +26,31 @@ import numpy as np
 
 from ncpipe.io import chunk_rows, write_matrix
 
-# (name, dtype, chunk rows or None for contiguous, compression, compression_opts, shuffle)
-LAYOUTS: list[tuple[str, str, int | None, str | None, int | None, bool]] = [
-    ("contiguous, uncompressed", "float32", None, None, None, False),
-    ("chunks 512 rows, uncompressed", "float32", 512, None, None, False),
-    ("chunks 64 rows, shuffle+gzip4", "float32", 64, "gzip", 4, True),
-    ("chunks 128 rows, shuffle+gzip4", "float32", 128, "gzip", 4, True),
-    ("chunks 256 rows, shuffle+gzip4", "float32", 256, "gzip", 4, True),
-    ("chunks 512 rows, shuffle+gzip4", "float32", 512, "gzip", 4, True),
-    ("chunks 2048 rows, shuffle+gzip4", "float32", 2048, "gzip", 4, True),
-    ("chunks 512 rows, gzip4, no shuffle", "float32", 512, "gzip", 4, False),
-    ("chunks 512 rows, shuffle+gzip1", "float32", 512, "gzip", 1, True),
-    ("chunks 512 rows, shuffle+gzip9", "float32", 512, "gzip", 9, True),
-    ("chunks 512 rows, shuffle+lzf", "float32", 512, "lzf", None, True),
-    ("float16, chunks 256 rows, shuffle+gzip4", "float16", 256, "gzip", 4, True),
-    ("float16, chunks 256 rows, uncompressed", "float16", 256, None, None, False),
+# (name, dtype, chunk rows or None for contiguous, compression, compression_opts, shuffle, fletcher32)
+LAYOUTS: list[tuple[str, str, int | None, str | None, int | None, bool, bool]] = [
+    ("contiguous, uncompressed", "float32", None, None, None, False, False),
+    ("chunks 512 rows, uncompressed", "float32", 512, None, None, False, False),
+    ("chunks 128 rows, uncompressed+fletcher32", "float32", 128, None, None, False, True),
+    ("chunks 64 rows, shuffle+gzip4", "float32", 64, "gzip", 4, True, False),
+    ("chunks 128 rows, shuffle+gzip4", "float32", 128, "gzip", 4, True, False),
+    ("chunks 128 rows, shuffle+gzip4+fletcher32", "float32", 128, "gzip", 4, True, True),
+    ("chunks 256 rows, shuffle+gzip4", "float32", 256, "gzip", 4, True, False),
+    ("chunks 512 rows, shuffle+gzip4", "float32", 512, "gzip", 4, True, False),
+    ("chunks 2048 rows, shuffle+gzip4", "float32", 2048, "gzip", 4, True, False),
+    ("chunks 512 rows, gzip4, no shuffle", "float32", 512, "gzip", 4, False, False),
+    ("chunks 512 rows, shuffle+gzip1", "float32", 512, "gzip", 1, True, False),
+    ("chunks 512 rows, shuffle+gzip9", "float32", 512, "gzip", 9, True, False),
+    ("chunks 512 rows, shuffle+lzf", "float32", 512, "lzf", None, True, False),
+    ("float16, chunks 256 rows, shuffle+gzip4+fletcher32", "float16", 256, "gzip", 4, True, True),
+    ("float16, chunks 256 rows, uncompressed", "float16", 256, None, None, False, False),
 ]
+
+
+def _is_default(layout: tuple, d: int) -> bool:
+    """The layout ``ncpipe.io.write_matrix`` writes by default: shuffle, gzip 4, fletcher32, 256 KiB chunks"""
+    _, dtype, rows, comp, opts, shuffle, fletcher32 = layout
+    return rows == chunk_rows(d, np.dtype(dtype).itemsize) and (comp, opts, shuffle, fletcher32) == (
+        "gzip", 4, True, True)
 
 
 def synthetic_features(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,18 +62,17 @@ def synthetic_features(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.
 
 
 def _write(path: Path, x: np.ndarray, layout: tuple) -> float:
-    _, dtype, rows, comp, opts, shuffle = layout
+    _, dtype, rows, comp, opts, shuffle, fletcher32 = layout
     t = time.process_time()
     with h5py.File(path, "w") as f:
-        default_rows = chunk_rows(x.shape[1], np.dtype(dtype).itemsize)
-        if rows == default_rows and comp == "gzip" and opts == 4 and shuffle:
-            write_matrix(f, "features", x, dtype=dtype, compression="gzip")  # the writer extract.py uses
-            assert f["features"].chunks == (rows, x.shape[1]), f["features"].chunks
+        if _is_default(layout, x.shape[1]):
+            ds = write_matrix(f, "features", x, dtype=dtype, compression="gzip")  # the writer extract.py uses
+            assert ds.chunks == (rows, x.shape[1]) and ds.fletcher32, (ds.chunks, ds.fletcher32)
         else:
             kw: dict[str, Any] = {}
             if rows is not None:
                 kw = {"chunks": (min(rows, len(x)), x.shape[1]), "compression": comp,
-                      "compression_opts": opts, "shuffle": shuffle}
+                      "compression_opts": opts, "shuffle": shuffle, "fletcher32": fletcher32}
             f.create_dataset("features", data=x.astype(dtype), **kw)
     return time.process_time() - t
 
@@ -89,7 +97,7 @@ def run(n: int, d: int, classes: int, repeats: int, out: Path) -> list[dict[str,
     for layout in LAYOUTS:
         path = out / "layout.h5"
         wt = _write(path, x, layout)
-        default = layout[2] == chunk_rows(d, np.dtype(layout[1]).itemsize) and layout[3:] == ("gzip", 4, True)
+        default = _is_default(layout, d)
         res = {
             "layout": layout[0] + (" (ncpipe default)" if default else ""),
             "size_mb": path.stat().st_size / 1e6,

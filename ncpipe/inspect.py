@@ -52,6 +52,7 @@ def _root_attrs(f: h5py.File) -> dict[str, Any]:
 def _dataset_info(d: h5py.Dataset) -> dict[str, Any]:
     return {"shape": list(d.shape), "dtype": str(d.dtype), "chunks": list(d.chunks) if d.chunks else None,
             "compression": d.compression, "compression_opts": d.compression_opts, "shuffle": bool(d.shuffle),
+            "fletcher32": bool(d.fletcher32),
             "stored_bytes": int(d.id.get_storage_size())}
 
 
@@ -133,10 +134,13 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _filters(d: dict[str, Any]) -> str:
-    if not d["compression"]:
-        return "none"
-    opts = f"({d['compression_opts']})" if d["compression_opts"] is not None else ""
-    return ("shuffle+" if d["shuffle"] else "") + d["compression"] + opts
+    parts = ["shuffle"] if d["shuffle"] else []
+    if d["compression"]:
+        opts = f"({d['compression_opts']})" if d["compression_opts"] is not None else ""
+        parts.append(d["compression"] + opts)
+    if d.get("fletcher32"):
+        parts.append("fletcher32")
+    return "+".join(parts) or "none"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -87,11 +87,15 @@ def write_matrix(group: h5py.Group, name: str, data: np.ndarray, *, dtype: str =
                             f"{float(np.abs(src).max()):.4g}); store features as float32 "
                             "(config features.dtype)")
     kw: dict[str, Any] = {}
-    if compression and compression != "none" and data.size:
+    if data.size and data.ndim:
+        # a Fletcher-32 checksum per chunk: a flipped byte on disk fails the read instead of becoming a number
+        # (deflate alone misses some corruptions, and an uncompressed matrix has no other check)
         rows = min(len(data), chunk_rows(data.shape[1] if data.ndim > 1 else 1, data.itemsize))
-        kw = {"chunks": (rows, *data.shape[1:]), "compression": compression, "shuffle": True}
-        if compression == "gzip":
-            kw["compression_opts"] = 4
+        kw = {"chunks": (rows, *data.shape[1:]), "fletcher32": True}
+        if compression and compression != "none":
+            kw.update(compression=compression, shuffle=True)
+            if compression == "gzip":
+                kw["compression_opts"] = 4
     return group.create_dataset(name, data=data, **kw)
 
 

@@ -74,7 +74,7 @@ def test_summary_golden_structure(dump: Path, capsys: pytest.CaptureFixture[str]
     assert header == ["group", "N", "D", "dtype", "chunks", "filters", "stored", "accuracy", "also"]
     row = out.splitlines()[out.splitlines().index("groups:") + 4].split()  # /train/targeted
     n = N["train"]
-    assert row[:6] == ["/train/targeted", str(n), "32", "float32", f"{n}x32", "shuffle+gzip(4)"]
+    assert row[:6] == ["/train/targeted", str(n), "32", "float32", f"{n}x32", "shuffle+gzip(4)+fletcher32"]
     assert row[-3:] == ["labels", "predictions", "targets"]
     counts = out.split("class counts (true labels | network predictions):\n")[1].splitlines()
     assert counts[0].split() == ["group", *map(str, range(NUM_CLASSES)), "|", *map(str, range(NUM_CLASSES))]

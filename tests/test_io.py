@@ -98,7 +98,23 @@ def test_chunking_and_compression_of_the_writer(tmp_path: Path) -> None:
         # 256 KiB chunks of whole rows: 128 rows of 512 float32, 256 rows of float16
         assert big.chunks == (128, 512) and half.chunks == (256, 512) and small.chunks == (10, 512)
         assert big.compression == "gzip" and big.compression_opts == 4 and big.shuffle
-        assert plain.chunks is None and plain.compression is None
+        assert plain.chunks == (10, 512) and plain.compression is None and not plain.shuffle
+        assert all(d.fletcher32 for d in (big, small, half, plain))
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_a_flipped_byte_on_disk_fails_the_read(tmp_path: Path, compression: str) -> None:
+    path = tmp_path / "flip.h5"
+    data = np.random.default_rng(0).normal(size=(300, 512)).astype(np.float32)  # 128-row chunks
+    with h5py.File(path, "w") as f:
+        offset = io.write_matrix(f, "x", data, compression=compression).id.get_chunk_info(1).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 100] ^= 0x10  # inside the second chunk's stored bytes
+    path.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["x"][:128], data[:128])  # the untouched first chunk still reads
+        with pytest.raises(OSError):
+            f["x"][128:256]
 
 
 def test_float16_overflow_is_refused(tmp_path: Path) -> None:
