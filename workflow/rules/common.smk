@@ -39,12 +39,12 @@ wildcard_constraints:
 # The ncpipe modules each stage runs; declared as inputs so a content change reruns exactly that stage
 # (small inputs are checksum-compared, so a bare `touch` reruns nothing).
 STAGE_MODULES = {
-    "train": ["__init__", "data", "models", "attacks", "train", "utils"],
-    "features": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils"],
-    "metrics": ["metrics", "evaluate", "io", "utils"],
-    "layerwise": ["__init__", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics", "layerwise",
-                  "grid", "paths"],
-    "figures": ["figures", "families", "paths", "grid", "utils"],
+    "train": ["__init__", "config", "data", "models", "attacks", "train", "utils"],
+    "features": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils"],
+    "metrics": ["config", "metrics", "evaluate", "io", "utils"],
+    "layerwise": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics",
+                  "layerwise", "grid", "paths"],
+    "figures": ["config", "figures", "families", "io", "paths", "grid", "utils"],
     "tables": ["tables", "families", "paths", "grid", "utils"],
 }
 
