@@ -481,7 +481,8 @@ def random_sign_l2(x: torch.Tensor, radius: float, generator: torch.Generator | 
 
 
 # ------------------------------------------------------------------------------------------------ dispatcher
-KINDS = schema_enum("attack", "kinds")
+# The kinds this module makes; the schema also lists train_adv, which training records (ncpipe.extract).
+KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != "train_adv")
 
 # Which noise baseline stands for a threat model (paper.md section 5.3): per-pixel sigma = eps / a random
 # l_inf vertex for l_inf; the Gaussian direction / a sign pattern rescaled to l_2 norm eps for l_2.

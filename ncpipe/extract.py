@@ -19,6 +19,9 @@ from .utils import sha256_file
 
 log = logging.getLogger("ncpipe.extract")
 
+# The perturbation kind made by training itself, not by this stage (AT/TRADES only; see _write_train_adv).
+TRAIN_ADV = "train_adv"
+
 
 def attack_kwargs(threat: dict[str, Any]) -> dict[str, Any]:
     """The features rule's threat slice (1/255 units) as pixel-unit keyword arguments of attacks.perturb."""
@@ -66,7 +69,7 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
             xs, ys = xs.to(device), ys.to(device)
             targets_all = attacks.target_labels(ys, meta["num_classes"], rule=spec["target_rule"],
                                                 generator=gen)
-            for kind in spec["kinds"]:
+            for kind in [k for k in spec["kinds"] if k != TRAIN_ADV]:
                 feats, preds = [], []
                 for i in tqdm(range(0, len(xs), bs), desc=f"{split}/{kind}", mininterval=5, leave=False):
                     xb, yb = to_float(xs[i:i + bs]), ys[i:i + bs]
@@ -90,3 +93,43 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
                 acc = float((pm == lab).mean()) if len(lab) else math.nan
                 set_attrs(g, {**params, "split": split, "num_samples": len(lab), "accuracy": acc})
                 log.info("%s/%s: accuracy %.4f", split, kind, acc)
+            if TRAIN_ADV in spec["kinds"] and split == "train":
+                _write_train_adv(f, ckpt, threat, ys.cpu().numpy().astype(np.int64), storage)
+
+
+def _write_train_adv(f: Any, ckpt: dict[str, Any], threat: dict[str, Any], labels: np.ndarray,
+                     storage: dict[str, Any]) -> None:
+    """The group ``train/train_adv``: the training-time adversarial examples recorded with the checkpoint.
+
+    Written only where they answer the same question as the other kinds: an AT/TRADES checkpoint whose
+    training threat (norm, epsilon) is this cell's evaluation threat. ST has none; another threat's cells
+    skip it (their fresh PGD is the perturbed data there).
+    """
+    rec = ckpt.get("train_adversarial")
+    if rec is None:
+        log.info("%s: no training-time adversarial examples in the checkpoint (method %s)", TRAIN_ADV,
+                 ckpt["meta"]["method"])
+        return
+    adv = rec["adversary"]
+    if adv["norm"] != threat["norm"] or float(adv["epsilon"]) != float(threat["epsilon"]):
+        log.info("%s: trained at %s eps %s/255, this cell evaluates %s eps %s/255; not written", TRAIN_ADV,
+                 adv["norm"], adv["epsilon"], threat["norm"], threat["epsilon"])
+        return
+    feats, preds = rec["features"].numpy(), rec["predictions"].numpy().astype(np.int64)
+    if len(feats) != len(labels):
+        raise ValueError(f"the checkpoint recorded {len(feats)} training-time adversarial examples, but the "
+                         f"train split has {len(labels)} samples: the data config changed since training")
+    g = f.create_group(f"train/{TRAIN_ADV}")
+    write_matrix(g, "features", feats, dtype=storage.get("dtype", "float32"),
+                 compression=storage.get("compression", "gzip"))
+    g.create_dataset("labels", data=labels)
+    g.create_dataset("predictions", data=preds)
+    acc = float((preds == labels).mean()) if len(labels) else math.nan
+    set_attrs(g, {"kind": TRAIN_ADV, "norm": adv["norm"], "epsilon": adv["epsilon"] / 255.0,
+                  "epsilon_255": adv["epsilon"], "step": adv["step"] / 255.0, "step_255": adv["step"],
+                  "steps": adv["steps"], "method": rec["method"], "source": "recorded during training",
+                  "model_mode": "made by the mid-epoch model during training; features from the end-of-epoch "
+                                "model in eval mode",
+                  "at_attack_mode": rec["at_attack_mode"], "trades_bn_quirk": rec["trades_bn_quirk"],
+                  "split": "train", "num_samples": len(labels), "accuracy": acc})
+    log.info("train/%s: accuracy %.4f", TRAIN_ADV, acc)

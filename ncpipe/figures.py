@@ -40,6 +40,7 @@ PERTURBATION_LABELS = {
     "targeted": "PGD targeted to (y+1) mod C",
     "gaussian": "Gaussian noise",
     "sign": "random-sign noise",
+    "train_adv": "adversarial examples trained on (AT/TRADES)",
 }
 PALETTE = {
     "clean": "#1f77b4",
@@ -47,6 +48,7 @@ PALETTE = {
     "targeted": "#9467bd",
     "gaussian": "#2ca02c",
     "sign": "#ff7f0e",
+    "train_adv": "#8c564b",
 }
 METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
 METHOD_ORDER = ["st", "at", "trades"]

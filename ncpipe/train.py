@@ -138,6 +138,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     (``model_sha256``), which ``load_checkpoint`` and the resume logic check."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = {**obj, "model_sha256": state_digest(obj["model"])}
+        if "train_adversarial" in obj:
+            obj["train_adversarial_sha256"] = state_digest(_record_tensors(obj["train_adversarial"]))
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
 
@@ -145,11 +147,43 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def verify_digest(payload: dict[str, Any], path: str | Path) -> None:
     """Raise ``CorruptCheckpointError`` when the tensors no longer match the digest written with them."""
     recorded = payload.get("model_sha256")
-    if recorded is not None and state_digest(payload["model"]) != recorded:
+    bad = recorded is not None and state_digest(payload["model"]) != recorded
+    recorded = payload.get("train_adversarial_sha256")
+    bad |= recorded is not None and state_digest(_record_tensors(payload["train_adversarial"])) != recorded
+    if bad:
         raise CorruptCheckpointError(
             f"checkpoint {path} is corrupted: its tensors do not match the sha256 recorded when it was "
             "written; delete it and rerun training"
         )
+
+
+def _record_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def adversarial_record(model: NCModel, x_adv: torch.Tensor, spec: dict[str, Any], amp: torch.dtype | None,
+                       batch_size: int = 1024) -> dict[str, Any]:
+    """Penultimate features and predictions of one epoch's training-time adversarial examples.
+
+    The authors measure AT/TRADES "perturbed data" on the adversarial batches the model trained on during the
+    epoch (made mid-epoch, by the model of that moment), passed through the end-of-epoch model in eval mode
+    (paper.md section 5, item 4); ``x_adv`` holds them in dataset order. The features rule writes them as the
+    perturbation kind ``train_adv``.
+    """
+    was_training = model.training
+    model.eval()
+    feats, preds = [], []
+    for i in range(0, len(x_adv), batch_size):
+        with torch.autocast(x_adv.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            h, logits = model.forward_features(x_adv[i:i + batch_size])
+        feats.append(h.float().cpu())
+        preds.append(logits.argmax(1).cpu())
+    model.train(was_training)
+    return {"features": torch.cat(feats), "predictions": torch.cat(preds), "method": spec["method"],
+            "adversary": dict(spec["adversary"]),
+            "at_attack_mode": spec.get("at_attack_mode") if spec["method"] == "at" else None,
+            "trades_bn_quirk": spec["trades"]["bn_quirk"] if spec["method"] == "trades" else None}
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[NCModel, dict[str, Any]]:
@@ -238,14 +272,15 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
             loss = F.cross_entropy(robust_logits, yb)
             with torch.no_grad():  # clean pass for logging only, in train mode as in the authors' loop
                 logits = model(xb)
-        return {"loss": loss, "logits": logits, "robust_logits": robust_logits}
+        return {"loss": loss, "logits": logits, "robust_logits": robust_logits, "x_adv": x_adv}
     if method == "trades":
         tr = spec["trades"]
         out = attacks.trades_loss(model, xb, yb, beta=tr["beta"], norm=adv["norm"], epsilon=eps, step=step,
                                   steps=adv["steps"], bn_quirk=tr["bn_quirk"], generator=gen, amp_dtype=amp)
         # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
         # the BN running stats once more in train mode
-        return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach()}
+        return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach(),
+                "x_adv": out.x_adv}
     raise ValueError(f"unknown training method {method!r}; known: st, at, trades")
 
 
@@ -295,6 +330,9 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
         net.train()
         order = torch.randperm(n, generator=gens["shuffle"]).to(device)
         batches = order.split(opt["batch_size"])
+        # at checkpoint epochs of AT/TRADES, keep the adversarial batches trained on (dataset order)
+        x_adv_epoch = (torch.empty(x_tr.shape, dtype=torch.float32, device=device)
+                       if spec["method"] != "st" and epoch + 1 in checkpoint_outputs else None)
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
         for i, idx in enumerate(batches):
             lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"],
@@ -309,6 +347,8 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
                     f"training of {cell} diverged: loss = {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
                     f"(lr = {lr:g}); lower train.lr or check the data"
                 )
+            if x_adv_epoch is not None:
+                x_adv_epoch[idx] = out["x_adv"].detach().float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -332,7 +372,10 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
         # state claims epoch e done, so a resumed run never lacks a checkpoint it believes written (at worst
         # it redoes epoch e and rewrites an identical checkpoint).
         if epoch + 1 in checkpoint_outputs:
-            save_atomic(checkpoint_payload(model, spec, data, epoch + 1), ckpt_dir / f"epoch{epoch + 1}.pt")
+            payload = checkpoint_payload(model, spec, data, epoch + 1)
+            if x_adv_epoch is not None:
+                payload["train_adversarial"] = adversarial_record(model, x_adv_epoch, spec, amp)
+            save_atomic(payload, ckpt_dir / f"epoch{epoch + 1}.pt")
         save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "rng": _rng_state(gens), "rows": rows}, state_file)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

@@ -115,7 +115,7 @@ def test_base_config_is_valid_and_gets_the_schema_defaults():
     assert cfg["train"]["batch_size"] == 128
     assert cfg["train"]["adversary"] == {"norm": "linf", "epsilon": 8, "step": 2, "steps": 10}
     assert cfg["attack"]["threats"] == {"linf": {"epsilons": [8], "step": 2, "steps": 10}}
-    assert cfg["attack"]["kinds"] == ["clean", "pgd", "targeted", "gaussian", "sign"]
+    assert cfg["attack"]["kinds"] == ["clean", "pgd", "targeted", "gaussian", "sign", "train_adv"]
     assert cfg["runtime"] == {"device": "auto", "amp": False, "channels_last": False, "compile": False,
                               "deterministic": True}
     # defaults never overwrite given values
@@ -156,10 +156,13 @@ def test_snakemake_command_line_rejects_bad_config(tmp_path):
 
 def test_names_come_from_the_schema():
     # the schema is the one list of names: modules read theirs from it; the code's registries must match it
-    from ncpipe import attacks, data, models
+    from ncpipe import attacks, data, extract, models
     from ncpipe import io as nio
 
-    assert nio.KIND_ORDER == attacks.KINDS == schema_enum("attack", "kinds")
+    assert nio.KIND_ORDER == schema_enum("attack", "kinds")
+    # attacks makes every kind but the one training records
+    assert attacks.KINDS == tuple(k for k in nio.KIND_ORDER if k != "train_adv")
+    assert set(schema_enum("attack", "kinds")) == {*attacks.KINDS, extract.TRAIN_ADV}
     assert nio.SPLITS == schema_enum("attack", "splits") == ("train", "test")
     assert tuple(load_schema()["$defs"]["threat"]["properties"]["norm"]["enum"]) == attacks.NORMS
     assert set(schema_enum("datasets")) == set(data.LOADERS)

@@ -1,0 +1,161 @@
+"""Training-time adversarial examples (perturbation kind ``train_adv``, paper.md section 5 item 4).
+
+AT and TRADES record, at each checkpoint epoch, the adversarial batches they trained on; the checkpoint stores
+their penultimate features under the end-of-epoch model in eval mode, and the features rule writes them as
+the group ``train/train_adv`` of the cells whose evaluation threat is the training threat.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import ncpipe.train
+from ncpipe import evaluate, grid, io
+from ncpipe.config import validate_config
+from ncpipe.data import to_float
+from ncpipe.extract import extract_features
+from ncpipe.train import CorruptCheckpointError, load_checkpoint, load_data, run_training, save_atomic
+
+CONFIG = validate_config({
+    "datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["st", "at", "trades"], "seeds": [3],
+    "data": {"train_per_class": 8, "test_per_class": 2}, "model": {"width": 0.1},
+    "train": {"epochs": 3, "checkpoints": [1, 3], "batch_size": 20, "lr": 0.05,
+              "adversary": {"norm": "linf", "epsilon": 32, "step": 12, "steps": 2}},
+    "attack": {"threats": {"linf": {"epsilons": [32, 16], "step": 8, "steps": 2}}, "batch_size": 64},
+    "runtime": {"device": "cpu", "deterministic": True},
+})
+REGIMES = {"st": "st", "at": "at_linf32", "trades": "trades_linf32"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_restore(torch_global_state):
+    """Every test here runs under conftest's torch_global_state."""
+
+
+def wildcards(method: str, **cell: Any) -> dict[str, Any]:
+    return {"dataset": "mnist5k", "arch": "vgg11bn", "regime": REGIMES[method], "seed": 3, **cell}
+
+
+def spec_of(method: str) -> dict[str, Any]:
+    return json.loads(grid.train_spec(CONFIG, wildcards(method)))
+
+
+def train(root: Path, spec: dict[str, Any], **kw: Any) -> dict[int, str]:
+    outs = {e: str(root / f"epoch{e}.pt") for e in spec["checkpoints"]}
+    run_training(spec, outs, str(root / "log.csv"), str(root / ".resume"), **kw)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict[int, str]]:
+    # conftest's torch_global_state, at module scope: one thread (a resumed run must match bit for bit)
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    try:
+        return {m: train(tmp_path_factory.mktemp(m), spec_of(m)) for m in REGIMES}
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+
+
+def test_robust_checkpoints_carry_the_record_and_st_ones_do_not(runs) -> None:
+    n = len(load_data(spec_of("at")).y_train)
+    for method in ("at", "trades"):
+        for path in runs[method].values():
+            model, ckpt = load_checkpoint(path)
+            rec = ckpt["train_adversarial"]
+            assert rec["features"].shape == (n, model.linear.in_features)
+            assert rec["features"].dtype == torch.float32
+            assert rec["adversary"] == CONFIG["train"]["adversary"] and rec["method"] == method
+            # the predictions are the end-of-epoch model's own on those features
+            logits = model.linear(rec["features"])
+            assert torch.equal(logits.argmax(1), rec["predictions"])
+        a, b = (load_checkpoint(p)[1]["train_adversarial"]["features"] for p in runs[method].values())
+        assert not torch.equal(a, b)  # epochs 1 and 3 recorded different examples with different models
+    assert all("train_adversarial" not in load_checkpoint(p)[1] for p in runs["st"].values())
+
+
+def test_the_record_is_what_training_fed_the_model(tmp_path, monkeypatch) -> None:
+    # Replace the training attack by a known map: the record must then hold, in dataset order, the features of
+    # exactly those images under the end-of-epoch model in eval mode (not of fresh attacks, not shuffled).
+    def known_attack(model, x, y, **kw):
+        return (1.0 - x).flip(-1)
+
+    monkeypatch.setattr(ncpipe.train.attacks, "pgd", known_attack)
+    spec = spec_of("at")
+    outs = train(tmp_path, spec)
+    x = to_float(load_data(spec).x_train)
+    model, ckpt = load_checkpoint(outs[3])
+    with torch.no_grad():
+        expected, _ = model.eval().forward_features(known_attack(model, x, None))
+    torch.testing.assert_close(ckpt["train_adversarial"]["features"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_run_records_the_same_examples(tmp_path, runs) -> None:
+    spec = spec_of("trades")
+    train(tmp_path, spec, stop_after_epoch=2)  # killed after epoch 2: the epoch-3 record comes after resuming
+    outs = train(tmp_path, spec)
+    for e, path in outs.items():
+        mine = load_checkpoint(path)[1]["train_adversarial"]
+        ref = load_checkpoint(runs["trades"][e])[1]["train_adversarial"]
+        assert torch.equal(mine["features"], ref["features"]) and torch.equal(mine["predictions"],
+                                                                              ref["predictions"])
+
+
+def test_a_damaged_record_is_refused(tmp_path, runs) -> None:
+    payload = torch.load(runs["at"][1], map_location="cpu", weights_only=False)
+    bad = copy.deepcopy(payload)
+    bad["train_adversarial"]["features"][0, 0] += 1.0
+    torch.save(bad, tmp_path / "bad.pt")  # bytes changed after the digest was written
+    with pytest.raises(CorruptCheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path / "bad.pt")
+    del payload["model_sha256"], payload["train_adversarial_sha256"]
+    save_atomic(payload, tmp_path / "good.pt")  # recomputes both digests
+    load_checkpoint(tmp_path / "good.pt")
+
+
+def extract(runs, tmp_path: Path, method: str, eps: str, **over: Any) -> Path:
+    spec = json.loads(grid.features_spec(CONFIG, wildcards(method, epoch=3, norm="linf", eps=eps)))
+    spec.update(over)
+    out = tmp_path / f"{method}_{eps}_{len(spec['kinds'])}.h5"
+    extract_features(spec, runs[method][3], str(out))
+    return out
+
+
+def test_features_rule_writes_train_adv_only_at_the_training_threat(tmp_path, runs) -> None:
+    at = extract(runs, tmp_path, "at", "32")
+    assert ("train", "train_adv") in io.groups(at) and ("test", "train_adv") not in io.groups(at)
+    rec = load_checkpoint(runs["at"][3])[1]["train_adversarial"]
+    with h5py.File(at) as f:
+        g = f["train/train_adv"]
+        np.testing.assert_array_equal(g["features"][:], rec["features"].numpy())
+        np.testing.assert_array_equal(g["labels"][:], f["train/clean/labels"][:])
+        assert g.attrs["kind"] == "train_adv" and g.attrs["epsilon_255"] == 32 and g.attrs["method"] == "at"
+    df = evaluate.evaluate_dump(at, "at_linf32")
+    got = df[(df.perturbation == "train_adv") & (df.grouping == "true")].set_index("metric")["value"]
+    assert {"nc1", "accuracy", "align_angle_centred", "ncc_train_means_accuracy"} <= set(got.index)
+    with h5py.File(at) as f:
+        labels = f["train/clean/labels"][:]
+    assert got["accuracy"] == pytest.approx(float((rec["predictions"].numpy() == labels).mean()))
+    # another evaluation threat, a standard-trained model, or a config without the kind: no group
+    assert ("train", "train_adv") not in io.groups(extract(runs, tmp_path, "at", "16"))
+    assert ("train", "train_adv") not in io.groups(extract(runs, tmp_path, "st", "32"))
+    kinds = [k for k in CONFIG["attack"]["kinds"] if k != "train_adv"]
+    assert ("train", "train_adv") not in io.groups(extract(runs, tmp_path, "trades", "32", kinds=kinds))
+
+
+def test_a_changed_train_split_is_an_error(tmp_path, runs) -> None:
+    spec = json.loads(grid.features_spec(CONFIG, wildcards("at", epoch=3, norm="linf", eps="32")))
+    spec["data"] = {**spec["data"], "train_per_class": 7}
+    with pytest.raises(ValueError, match="data config changed since training"):
+        extract_features(spec, runs["at"][3], str(tmp_path / "x.h5"))
+    assert not (tmp_path / "x.h5").exists()
