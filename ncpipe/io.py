@@ -1,6 +1,6 @@
 """HDF5 feature dumps: writing (atomically) and reading.
 
-The format is specified in docs/hdf5-format.md (``format_version`` 1.0); in short::
+The format is specified in docs/hdf5-format.md (``format_version`` 1.1); in short::
 
     /                            attrs: format_version, complete, dataset, arch, method, seed, epoch, norm,
                                         epsilon, ..., checkpoint, checkpoint_sha256, config (JSON)
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import xarray as xr
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 # Readers accept any minor version of this major: minor bumps only add datasets or attributes.
 SUPPORTED_MAJOR = 1
 # Rows per chunk: 256 KiB chunks (128 rows at D = 512 float32).  A partial read decodes every chunk it

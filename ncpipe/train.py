@@ -173,10 +173,11 @@ def adversarial_record(model: NCModel, x_adv: torch.Tensor, spec: dict[str, Any]
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     feats, preds = [], []
     for i in range(0, len(x_adv), batch_size):
-        with torch.autocast(x_adv.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            h, logits = model.forward_features(x_adv[i:i + batch_size])
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            h, logits = model.forward_features(x_adv[i:i + batch_size].to(device))
         feats.append(h.float().cpu())
         preds.append(logits.argmax(1).cpu())
     model.train(was_training)
@@ -330,8 +331,9 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
         net.train()
         order = torch.randperm(n, generator=gens["shuffle"]).to(device)
         batches = order.split(opt["batch_size"])
-        # at checkpoint epochs of AT/TRADES, keep the adversarial batches trained on (dataset order)
-        x_adv_epoch = (torch.empty(x_tr.shape, dtype=torch.float32, device=device)
+        # at checkpoint epochs of AT/TRADES, keep the adversarial batches trained on (dataset order, exact
+        # float32); in host memory, which has room for ImageNette's 5.7 GB where a GPU might not
+        x_adv_epoch = (torch.empty(x_tr.shape, dtype=torch.float32)
                        if spec["method"] != "st" and epoch + 1 in checkpoint_outputs else None)
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
         for i, idx in enumerate(batches):
@@ -348,7 +350,7 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
                     f"(lr = {lr:g}); lower train.lr or check the data"
                 )
             if x_adv_epoch is not None:
-                x_adv_epoch[idx] = out["x_adv"].detach().float()
+                x_adv_epoch[idx.cpu()] = out["x_adv"].detach().float().cpu()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -78,7 +78,7 @@ def metrics_frame(
                                 "pgd": (0.8 * t if robust else 0.05) * gen,
                                 "targeted": (0.7 * t if robust else 0.02) * gen,
                             }
-                            if robust and split == "train":  # recorded by AT/TRADES training, train split only
+                            if robust and split == "train":  # recorded by AT/TRADES training: train split
                                 level["train_adv"] = 0.85 * t
                             for kind, lvl in level.items():
                                 groups = (

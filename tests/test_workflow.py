@@ -63,7 +63,7 @@ def test_outputs_of_every_stage(mini_run: Path):
             assert f.attrs["complete"]
             for split in config["attack"]["splits"]:
                 for kind in config["attack"]["kinds"]:
-                    # the examples AT/TRADES trained on: train split of robust runs only (the threats match here)
+                    # the examples AT/TRADES trained on: train split of robust runs (the threats match here)
                     if kind == "train_adv" and (split != "train" or f.attrs["method"] == "st"):
                         assert kind not in f[split]
                         continue
