@@ -124,6 +124,7 @@ def train_spec(config: dict[str, Any], wildcards: Any) -> str:
     }
     if method != "st":
         spec["adversary"] = dict(tr["adversary"])
+        spec["record_adversarial"] = tr["record_adversarial"]
     if method == "at":
         spec["at_attack_mode"] = tr["at_attack_mode"]
     if method == "trades":

@@ -333,8 +333,8 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
         batches = order.split(opt["batch_size"])
         # at checkpoint epochs of AT/TRADES, keep the adversarial batches trained on (dataset order, exact
         # float32); in host memory, which has room for ImageNette's 5.7 GB where a GPU might not
-        x_adv_epoch = (torch.empty(x_tr.shape, dtype=torch.float32)
-                       if spec["method"] != "st" and epoch + 1 in checkpoint_outputs else None)
+        record = spec["method"] != "st" and spec.get("record_adversarial", True)
+        x_adv_epoch = torch.empty(x_tr.shape) if record and epoch + 1 in checkpoint_outputs else None
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
         for i, idx in enumerate(batches):
             lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"],

@@ -61,7 +61,8 @@ def test_summary_golden_structure(dump: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = _cli(capsys, str(dump))
     assert code == 0
     assert _sections(out) == [
-        f"{dump}  ({dump.stat().st_size / 1024:.1f} KiB, ncpipe features file, format_version {io.FORMAT_VERSION}, complete)",
+        f"{dump}  ({dump.stat().st_size / 1024:.1f} KiB, ncpipe features file, "
+        f"format_version {io.FORMAT_VERSION}, complete)",
         "provenance:", "classifier:", "groups:", "class counts (true labels | network predictions):"]
     provenance = [line.split()[0] for line in out.split("provenance:\n")[1].split("\n\n")[0].splitlines()]
     assert provenance[:4] == ["format_version", "complete", "dataset", "arch"]

@@ -111,6 +111,13 @@ def test_resumed_run_records_the_same_examples(tmp_path, runs) -> None:
                                                                               ref["predictions"])
 
 
+def test_recording_can_be_switched_off(tmp_path) -> None:
+    spec = {**spec_of("at"), "record_adversarial": False, "checkpoints": [1]}
+    spec["optim"] = {**spec["optim"], "epochs": 1}
+    outs = train(tmp_path, spec)
+    assert "train_adversarial" not in load_checkpoint(outs[1])[1]
+
+
 def test_a_damaged_record_is_refused(tmp_path, runs) -> None:
     payload = torch.load(runs["at"][1], map_location="cpu", weights_only=False)
     bad = copy.deepcopy(payload)
