@@ -45,8 +45,6 @@ ArrayLike = Any  # numpy array or torch tensor
 _CHUNK_ELEMENTS = 1 << 22
 # Rows per pass-2 block of in-memory float64 data: about this many elements (4 MiB).
 _BLOCK_ELEMENTS = 1 << 19
-# In-memory inputs up to this many elements (256 MiB as float64) are cast once instead of once per pass.
-_CAST_ONCE_ELEMENTS = 1 << 25
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -135,8 +133,8 @@ def _chunk_rows(dim: int) -> int:
 
 
 def _block_rows(dim: int) -> int:
-    # pass 2 over float64 data already in memory: 1,024 rows at D = 512 measured fastest (the product and
-    # its N x C results stay in cache), but never fewer than 64 rows, or per-block overhead dominates
+    # blocks of in-memory input: 1,024 rows at D = 512 measured fastest (the float64 cast, the product and its
+    # N x C results stay in cache), but never fewer than 64 rows, or per-block overhead dominates
     return max(64, _BLOCK_ELEMENTS // max(1, dim))
 
 
@@ -320,17 +318,21 @@ class ClassStats:
     def update(self, features: ArrayLike, labels: ArrayLike) -> None:
         if self._frozen:
             raise RuntimeError("ClassStats is frozen (pass 2 started); create a new one for new data")
-        x = _features64(features)
+        x = _features64(features, self.device)
+        self._update64(x, _labels(labels, x.shape[0], self.num_classes, x.device))
+
+    def _update64(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Pass-1 update on a float64 chunk with checked labels on its device."""
+        if self._frozen:
+            raise RuntimeError("ClassStats is frozen (pass 2 started); create a new one for new data")
         if self.device is None:
             self.device = x.device
             self._sums = torch.zeros(self.num_classes, x.shape[1], dtype=torch.float64, device=x.device)
             self._counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
-        x = x.to(self.device)
         if x.shape[1] != self._sums.shape[1]:
             raise ValueError(f"feature dimension changed from {self._sums.shape[1]} to {x.shape[1]}")
-        y = _labels(labels, x.shape[0], self.num_classes, self.device)
-        _add_class_sums(self._sums, x, y)
-        self._counts += torch.bincount(y, minlength=self.num_classes)
+        _add_class_sums(self._sums, x.to(self.device), y.to(self.device))
+        self._counts += torch.bincount(y.to(self.device), minlength=self.num_classes)
 
     @property
     def dim(self) -> int:
@@ -518,22 +520,19 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
              else _tensor(bias).detach().to(device=dev, dtype=torch.float64).reshape(-1))
         if b.shape[0] != c:
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
-    lab = _as_array(labels)
+    lab = _labels(labels, n, c, dev)  # checked once, not per block
     stats = ClassStats(c)
-    if n * d <= _CAST_ONCE_ELEMENTS:
-        # in memory: cast and check once, pass 1 in one call, pass 2 in blocks that stay in cache
-        feats = _features64(feats)
-        lab = _labels(lab, n, c, feats.device)
-        stats.update(feats, lab)
-        step = _block_rows(d)
-        pass2 = ((feats[i : i + step], lab[i : i + step]) for i in range(0, n, step))
-    else:
-        for xs, ys in _row_chunks(feats, lab):
-            stats.update(xs, ys)
-        pass2 = ((_features64(xs, stats.device), _labels(ys, len(ys), c, stats.device))
-                 for xs, ys in _row_chunks(feats, lab))
+    step = _block_rows(d)
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # each block is cast to float64 where it stays in cache: no float64 copy of the whole input
+        for i in range(0, n, step):
+            yield _features64(feats[i : i + step]), lab[i : i + step]
+
+    for x, y in blocks():
+        stats._update64(x, y)
     stats.freeze()
-    for x, y in pass2:
+    for x, y in blocks():
         stats._within64(x, y, w, b)
 
     out: dict[str, float] = dict(stats.nc1())

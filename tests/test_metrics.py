@@ -311,20 +311,19 @@ def test_ncc_predict_chunked_matches_brute_force(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("numpy_blas", [True, False])
 def test_backends_and_blocking_agree(monkeypatch: pytest.MonkeyPatch, numpy_blas: bool) -> None:
-    # pass 2 runs through numpy's BLAS or through torch (the code path of accelerators); in memory it works
-    # in cache-sized blocks, beyond _CAST_ONCE_ELEMENTS in cast-per-chunk pieces: all must agree
+    # pass 2 runs through numpy's BLAS or through torch (the code path of accelerators), over cache-sized
+    # blocks that are cast to float64 one at a time: all must agree with the reference, ragged blocks included
     h, y, w, b = random_problem(700, 48, 9, seed=5)
     ref = reference_neural_collapse(h, y, w, b)
     monkeypatch.setattr(metrics, "_numpy_blas_ok", lambda: numpy_blas)
     assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 1000)  # 64-row blocks (the floor), a ragged last one
     assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
-    monkeypatch.setattr(metrics, "_CAST_ONCE_ELEMENTS", 100)
-    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 48 * 50)  # 50-row chunks
-    assert_close_dict(metrics.neural_collapse(h.astype(np.float32), y, w, b),
-                      metrics.neural_collapse(h.astype(np.float32).astype(np.float64), y, w, b),
-                      rtol=1e-12, keys=NC_KEYS)
-    assert_close_dict(metrics.neural_collapse(h, y, w, b), ref, rtol=1e-8, keys=NC_KEYS)
+    h32 = h.astype(np.float32)  # cast per block vs cast up front
+    assert_close_dict(metrics.neural_collapse(h32, y, w, b),
+                      metrics.neural_collapse(h32.astype(np.float64), y, w, b), rtol=1e-12, keys=NC_KEYS)
+    assert_close_dict(metrics.neural_collapse(torch.from_numpy(h32), torch.from_numpy(y), w, b),
+                      reference_neural_collapse(h32, y, w, b), rtol=1e-8, keys=NC_KEYS)
 
 
 def test_errors() -> None:
