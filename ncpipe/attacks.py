@@ -481,8 +481,10 @@ def random_sign_l2(x: torch.Tensor, radius: float, generator: torch.Generator | 
 
 
 # ------------------------------------------------------------------------------------------------ dispatcher
-# The kinds this module makes; the schema also lists train_adv, which training records (ncpipe.extract).
-KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != "train_adv")
+# The kind that training records (AT/TRADES: ncpipe.train.adversarial_record); this module does not make it.
+TRAIN_ADV = "train_adv"
+# The kinds this module makes: every kind of the schema but TRAIN_ADV.
+KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != TRAIN_ADV)
 
 # Which noise baseline stands for a threat model (paper.md section 5.3): per-pixel sigma = eps / a random
 # l_inf vertex for l_inf; the Gaussian direction / a sign pattern rescaled to l_2 norm eps for l_2.

@@ -19,8 +19,7 @@ from .utils import sha256_file
 
 log = logging.getLogger("ncpipe.extract")
 
-# The perturbation kind made by training itself, not by this stage (AT/TRADES only; see _write_train_adv).
-TRAIN_ADV = "train_adv"
+TRAIN_ADV = attacks.TRAIN_ADV  # made by training itself, not by this stage (see _write_train_adv)
 
 
 def attack_kwargs(threat: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +66,7 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
         for split in spec["splits"]:
             xs, ys = data.split(split)
             xs, ys = xs.to(device), ys.to(device)
+            lab = ys.cpu().numpy().astype(np.int64)
             targets_all = attacks.target_labels(ys, meta["num_classes"], rule=spec["target_rule"],
                                                 generator=gen)
             for kind in [k for k in spec["kinds"] if k != TRAIN_ADV]:
@@ -78,23 +78,29 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
                     h, logits = _features(net, xp, amp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
-                g = f.create_group(f"{split}/{kind}")
-                fm = torch.cat(feats).numpy()
-                pm = torch.cat(preds).numpy().astype(np.int64)
-                lab = ys.cpu().numpy().astype(np.int64)
-                write_matrix(g, "features", fm, dtype=storage.get("dtype", "float32"),
-                             compression=storage.get("compression", "gzip"))
-                g.create_dataset("labels", data=lab)
-                g.create_dataset("predictions", data=pm)
-                if kind == "targeted":
-                    g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
                 params = attacks.kind_params(kind, **adv, target_rule=spec["target_rule"],
                                              input_numel=int(xs[0].numel()))
-                acc = float((pm == lab).mean()) if len(lab) else math.nan
-                set_attrs(g, {**params, "split": split, "num_samples": len(lab), "accuracy": acc})
-                log.info("%s/%s: accuracy %.4f", split, kind, acc)
+                g = _write_group(f, split, kind, torch.cat(feats).numpy(), lab, torch.cat(preds).numpy(),
+                                 params, storage)
+                if kind == "targeted":
+                    g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
             if TRAIN_ADV in spec["kinds"] and split == "train":
-                _write_train_adv(f, ckpt, threat, ys.cpu().numpy().astype(np.int64), storage)
+                _write_train_adv(f, ckpt, threat, lab, storage)
+
+
+def _write_group(f: Any, split: str, kind: str, features: np.ndarray, labels: np.ndarray,
+                 predictions: np.ndarray, attrs: dict[str, Any], storage: dict[str, Any]) -> Any:
+    """One ``/{split}/{kind}`` group: features, labels, predictions; ``attrs`` plus split, size, accuracy."""
+    g = f.create_group(f"{split}/{kind}")
+    write_matrix(g, "features", features, dtype=storage.get("dtype", "float32"),
+                 compression=storage.get("compression", "gzip"))
+    preds = predictions.astype(np.int64)
+    g.create_dataset("labels", data=labels)
+    g.create_dataset("predictions", data=preds)
+    acc = float((preds == labels).mean()) if len(labels) else math.nan
+    set_attrs(g, {**attrs, "split": split, "num_samples": len(labels), "accuracy": acc})
+    log.info("%s/%s: accuracy %.4f", split, kind, acc)
+    return g
 
 
 def _write_train_adv(f: Any, ckpt: dict[str, Any], threat: dict[str, Any], labels: np.ndarray,
@@ -115,21 +121,14 @@ def _write_train_adv(f: Any, ckpt: dict[str, Any], threat: dict[str, Any], label
         log.info("%s: trained at %s eps %s/255, this cell evaluates %s eps %s/255; not written", TRAIN_ADV,
                  adv["norm"], adv["epsilon"], threat["norm"], threat["epsilon"])
         return
-    feats, preds = rec["features"].numpy(), rec["predictions"].numpy().astype(np.int64)
+    feats = rec["features"].numpy()
     if len(feats) != len(labels):
         raise ValueError(f"the checkpoint recorded {len(feats)} training-time adversarial examples, but the "
                          f"train split has {len(labels)} samples: the data config changed since training")
-    g = f.create_group(f"train/{TRAIN_ADV}")
-    write_matrix(g, "features", feats, dtype=storage.get("dtype", "float32"),
-                 compression=storage.get("compression", "gzip"))
-    g.create_dataset("labels", data=labels)
-    g.create_dataset("predictions", data=preds)
-    acc = float((preds == labels).mean()) if len(labels) else math.nan
-    set_attrs(g, {"kind": TRAIN_ADV, "norm": adv["norm"], "epsilon": adv["epsilon"] / 255.0,
-                  "epsilon_255": adv["epsilon"], "step": adv["step"] / 255.0, "step_255": adv["step"],
-                  "steps": adv["steps"], "method": rec["method"], "source": "recorded during training",
-                  "model_mode": "made by the mid-epoch model during training; features from the end-of-epoch "
-                                "model in eval mode",
-                  "at_attack_mode": rec["at_attack_mode"], "trades_bn_quirk": rec["trades_bn_quirk"],
-                  "split": "train", "num_samples": len(labels), "accuracy": acc})
-    log.info("train/%s: accuracy %.4f", TRAIN_ADV, acc)
+    attrs = {"kind": TRAIN_ADV, "norm": adv["norm"], "epsilon": adv["epsilon"] / 255.0,
+             "epsilon_255": adv["epsilon"], "step": adv["step"] / 255.0, "step_255": adv["step"],
+             "steps": adv["steps"], "method": rec["method"], "source": "recorded during training",
+             "model_mode": "made by the mid-epoch model during training; features from the end-of-epoch "
+                           "model in eval mode",
+             "at_attack_mode": rec["at_attack_mode"], "trades_bn_quirk": rec["trades_bn_quirk"]}
+    _write_group(f, "train", TRAIN_ADV, feats, labels, rec["predictions"].numpy(), attrs, storage)

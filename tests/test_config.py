@@ -156,13 +156,13 @@ def test_snakemake_command_line_rejects_bad_config(tmp_path):
 
 def test_names_come_from_the_schema():
     # the schema is the one list of names: modules read theirs from it; the code's registries must match it
-    from ncpipe import attacks, data, extract, models
+    from ncpipe import attacks, data, models
     from ncpipe import io as nio
 
     assert nio.KIND_ORDER == schema_enum("attack", "kinds")
     # attacks makes every kind but the one training records
     assert attacks.KINDS == tuple(k for k in nio.KIND_ORDER if k != "train_adv")
-    assert set(schema_enum("attack", "kinds")) == {*attacks.KINDS, extract.TRAIN_ADV}
+    assert set(schema_enum("attack", "kinds")) == {*attacks.KINDS, attacks.TRAIN_ADV}
     assert nio.SPLITS == schema_enum("attack", "splits") == ("train", "test")
     assert tuple(load_schema()["$defs"]["threat"]["properties"]["norm"]["enum"]) == attacks.NORMS
     assert set(schema_enum("datasets")) == set(data.LOADERS)
