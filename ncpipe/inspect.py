@@ -138,7 +138,7 @@ def _filters(d: dict[str, Any]) -> str:
     if d["compression"]:
         opts = f"({d['compression_opts']})" if d["compression_opts"] is not None else ""
         parts.append(d["compression"] + opts)
-    if d.get("fletcher32"):
+    if d["fletcher32"]:
         parts.append("fletcher32")
     return "+".join(parts) or "none"
 

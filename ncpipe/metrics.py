@@ -138,9 +138,10 @@ def _block_rows(dim: int) -> int:
     return max(64, _BLOCK_ELEMENTS // max(1, dim))
 
 
-def _row_chunks(features: ArrayLike, labels: ArrayLike) -> Iterator[tuple[ArrayLike, ArrayLike]]:
+def _row_chunks(features: ArrayLike, labels: ArrayLike,
+                step: int | None = None) -> Iterator[tuple[ArrayLike, ArrayLike]]:
     n, d = features.shape[0], features.shape[1]
-    step = _chunk_rows(d)
+    step = step or _chunk_rows(d)
     for i in range(0, n, step):
         yield features[i : i + step], labels[i : i + step]
 
@@ -312,12 +313,10 @@ class ClassStats:
         self._ncc_const: torch.Tensor | None = None
         self._np: tuple[np.ndarray, ...] | None = None  # zero-copy numpy views of the pass-2 tensors (CPU)
         self._rhs: torch.Tensor | None = None
-        self._rhs_extra: torch.Tensor | None = None
+        self._rhs_weight: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ pass 1
     def update(self, features: ArrayLike, labels: ArrayLike) -> None:
-        if self._frozen:
-            raise RuntimeError("ClassStats is frozen (pass 2 started); create a new one for new data")
         x = _features64(features, self.device)
         self._update64(x, _labels(labels, x.shape[0], self.num_classes, x.device))
 
@@ -388,7 +387,7 @@ class ClassStats:
         self._ncc_rhs = (-2.0 * centred_basis.T).contiguous()
         self._ncc_const = (centred_basis**2).sum(dim=1) + 2.0 * centred_basis @ (global_mean @ basis)
         self._proj_sq = torch.zeros(s.shape[0], dtype=torch.float64, device=self.device)
-        self._rhs, self._rhs_extra = None, None
+        self._rhs, self._rhs_weight = None, None
         self._counts2 = torch.zeros_like(self._counts)
         self._frozen = True
 
@@ -398,10 +397,10 @@ class ClassStats:
         """Pass 2 on a float64 chunk; returns the NCC predictions. Given a classifier (``weight``, C x D,
         and ``bias``), also counts where the network's argmax(W h + b) is right and agrees with the NCC."""
         self.freeze()
-        if self._rhs is None or self._rhs_extra is not weight:
+        if self._rhs is None or self._rhs_weight is not weight:
             # one matmul gives the projections (hence NC1 and the NCC scores) and the logits
             parts = [self._basis] + ([weight.T] if weight is not None else [])
-            self._rhs, self._rhs_extra, self._np = torch.cat(parts, dim=1).contiguous(), weight, None
+            self._rhs, self._rhs_weight, self._np = torch.cat(parts, dim=1).contiguous(), weight, None
         r = self._basis.shape[1]
         if weight is not None and bias is None:
             bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
@@ -522,18 +521,12 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
     lab = _labels(labels, n, c, dev)  # checked once, not per block
     stats = ClassStats(c)
-    step = _block_rows(d)
-
-    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # each block is cast to float64 where it stays in cache: no float64 copy of the whole input
-        for i in range(0, n, step):
-            yield _features64(feats[i : i + step]), lab[i : i + step]
-
-    for x, y in blocks():
-        stats._update64(x, y)
+    # each block is cast to float64 where it stays in cache: no float64 copy of the whole input
+    for xs, ys in _row_chunks(feats, lab, _block_rows(d)):
+        stats._update64(_features64(xs), ys)
     stats.freeze()
-    for x, y in blocks():
-        stats._within64(x, y, w, b)
+    for xs, ys in _row_chunks(feats, lab, _block_rows(d)):
+        stats._within64(_features64(xs), ys, w, b)
 
     out: dict[str, float] = dict(stats.nc1())
     present = stats.counts > 0
