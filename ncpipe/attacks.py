@@ -20,15 +20,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import schema_enum
-
-NORMS = ("linf", "l2")
+from .config import load_schema, schema_enum
 
 # Relative margin by which l_2 projections aim inside the ball, so that float32 rounding of x + delta (half an
 # ulp per pixel) cannot push a sample's norm past epsilon.  1e-5 of epsilon has no measurable effect.
@@ -38,8 +37,7 @@ _TINY = 1e-12
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    _ball(norm)
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -141,47 +139,77 @@ def _project_l2_exact(x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> t
     return torch.where(_view(bad, x), x, x_adv)
 
 
+class _Linf:
+    """The l_inf ball: uniform start, signed steps, coordinate-wise clamp."""
+
+    def start(self, x: torch.Tensor, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
+        return (2.0 * _rand(x.shape, x, generator) - 1.0) * epsilon
+
+    def ascend(self, delta: torch.Tensor, grad: torch.Tensor, step: float) -> torch.Tensor:
+        return delta + step * grad.sign()
+
+    def clip(self, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+        return delta.clamp(-epsilon, epsilon)
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+        return _project_linf_exact(x, x_adv, epsilon)
+
+
+class _L2:
+    """The l_2 ball: r * eps * g / ||g|| start (r ~ U(0, 1)), normalised-gradient steps, radial rescaling."""
+
+    def start(self, x: torch.Tensor, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
+        g = _randn(x.shape, x, generator)
+        r = _rand((x.shape[0],), x, generator)
+        return g * _view(r * epsilon / _l2_norms(g).clamp_min(_TINY), g)
+
+    def ascend(self, delta: torch.Tensor, grad: torch.Tensor, step: float) -> torch.Tensor:
+        # normalised gradient; a zero gradient (saturated softmax) gives a zero step instead of NaN
+        return delta + step * grad / _view(_l2_norms(grad).clamp_min(_TINY), grad)
+
+    def clip(self, delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+        return delta * _view((epsilon / _l2_norms(delta).clamp_min(_TINY)).clamp(max=1.0), delta)
+
+    def project(self, x: torch.Tensor, x_adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+        d = x_adv - x
+        n = _l2_norms(d)
+        d = d * _view((epsilon * (1.0 - _L2_SAFETY) / n.clamp_min(_TINY)).clamp(max=1.0), d)
+        return _project_l2_exact(x, x + d, epsilon)
+
+
+# Each threat norm's geometry, in the schema's order; adding a norm is one entry here (and the schema's enum).
+BALLS: dict[str, _Linf | _L2] = {"linf": _Linf(), "l2": _L2()}
+NORMS = tuple(BALLS)
+
+
+def _ball(norm: str) -> _Linf | _L2:
+    if norm not in BALLS:
+        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    return BALLS[norm]
+
+
 def project(x: torch.Tensor, x_adv: torch.Tensor, *, norm: str, epsilon: float) -> torch.Tensor:
     """Project ``x_adv`` onto the ``norm`` ball of radius ``epsilon`` around ``x`` intersected with [0, 1].
 
     For l_2 this is radial rescaling followed by a box clamp (the paper's renorm + clamp), not the exact
     Euclidean projection onto the intersection; both are standard in PGD.
     """
-    _check_norm(norm)
-    if norm == "linf":
-        return _project_linf_exact(x, x_adv, epsilon)
-    d = x_adv - x
-    n = _l2_norms(d)
-    d = d * _view((epsilon * (1.0 - _L2_SAFETY) / n.clamp_min(_TINY)).clamp(max=1.0), d)
-    return _project_l2_exact(x, x + d, epsilon)
+    return _ball(norm).project(x, x_adv, epsilon)
 
 
 def _random_start(x: torch.Tensor, norm: str, epsilon: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """The paper's PGD start: uniform in the l_inf ball, or r * eps * g / ||g|| with r ~ U(0, 1) for l_2."""
-    if norm == "linf":
-        delta = (2.0 * _rand(x.shape, x, generator) - 1.0) * epsilon
-    else:
-        g = _randn(x.shape, x, generator)
-        r = _rand((x.shape[0],), x, generator)
-        delta = g * _view(r * epsilon / _l2_norms(g).clamp_min(_TINY), g)
-    return (x + delta).clamp(0.0, 1.0) - x
+    return (x + _ball(norm).start(x, epsilon, generator)).clamp(0.0, 1.0) - x
 
 
 def _ascent_step(delta: torch.Tensor, grad: torch.Tensor, norm: str, step: float) -> torch.Tensor:
-    if norm == "linf":
-        return delta + step * grad.sign()
-    # normalised gradient; a zero gradient (saturated softmax) gives a zero step instead of NaN
-    return delta + step * grad / _view(_l2_norms(grad).clamp_min(_TINY), grad)
+    return _ball(norm).ascend(delta, grad, step)
 
 
 def _project_delta(x: torch.Tensor, delta: torch.Tensor, norm: str, epsilon: float) -> torch.Tensor:
     """Cheap in-loop projection (ball, then box); the exact float guard runs once, on the final output."""
-    if norm == "linf":
-        delta = delta.clamp(-epsilon, epsilon)
-    else:
-        delta = delta * _view((epsilon / _l2_norms(delta).clamp_min(_TINY)).clamp(max=1.0), delta)
-    return (x + delta).clamp(0.0, 1.0) - x
+    return (x + _ball(norm).clip(delta, epsilon)).clamp(0.0, 1.0) - x
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -480,25 +508,143 @@ def random_sign_l2(x: torch.Tensor, radius: float, generator: torch.Generator | 
     return _project_l2_exact(xf, xf + per_pixel * _random_signs(xf, generator), radius)
 
 
-# ------------------------------------------------------------------------------------------------ dispatcher
-# The kind that training records (AT/TRADES: ncpipe.train.adversarial_record); this module does not make it.
+# ------------------------------------------------------------------------------------------------ kinds
+# The kind that training records (AT/TRADES: ncpipe.checkpoint.adversarial_record); this module does not
+# make it.
 TRAIN_ADV = "train_adv"
-# The kinds this module makes: every kind of the schema but TRAIN_ADV.
-KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != TRAIN_ADV)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one :func:`perturb` call receives (pixel units), handed to the kind's entry."""
+
+    norm: str
+    epsilon: float
+    step: float = 0.0
+    steps: int = 0
+    restarts: int = 1
+    targets: torch.Tensor | None = None
+    num_classes: int | None = None
+    target_rule: str = "next"
+    random_start: bool = True
+    generator: torch.Generator | None = None
+    amp_dtype: torch.dtype | None = None
+    input_numel: int | None = None
+
+    def base_params(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "norm": self.norm, "epsilon": self.epsilon,
+                "epsilon_255": _in_255(self.epsilon)}
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One perturbation kind of the features rule: how it is made and what is recorded about it.
+
+    ``make(model, x, y, request)`` returns the perturbed batch; ``params(request)`` every parameter it used,
+    for the HDF5 group attributes.  The two sit in one entry so that they cannot drift apart.
+    """
+
+    name: str
+    make: Callable[[nn.Module, torch.Tensor, torch.Tensor, Request], torch.Tensor]
+    params: Callable[[Request], dict[str, Any]]
+
+
+def _in_255(v: float) -> float:
+    return round(v * 255.0, 9)  # 64/255 * 255 prints as 64.0, not 64.00000000000001
+
+
+def _pgd_params(kind: str, r: Request) -> dict[str, Any]:
+    p = {**r.base_params(kind), "step": r.step, "step_255": _in_255(r.step), "steps": r.steps,
+         "restarts": r.restarts, "random_start": r.random_start, "model_mode": "eval",
+         "loss": "-cross_entropy(target)" if kind == "targeted" else "cross_entropy(true)"}
+    if kind == "targeted":
+        p["target_rule"] = r.target_rule
+    return p
+
+
+def _make_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: Request) -> torch.Tensor:
+    return pgd(model, x, y, norm=r.norm, epsilon=r.epsilon, step=r.step, steps=r.steps, restarts=r.restarts,
+               random_start=r.random_start, generator=r.generator, amp_dtype=r.amp_dtype)
+
+
+def _make_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: Request) -> torch.Tensor:
+    targets = r.targets
+    if targets is None:
+        if r.num_classes is None:
+            raise ValueError("the targeted kind needs `targets` or `num_classes`")
+        targets = target_labels(y, r.num_classes, r.target_rule, generator=r.generator)
+    return pgd(model, x, y, norm=r.norm, epsilon=r.epsilon, step=r.step, steps=r.steps, restarts=r.restarts,
+               targets=targets, random_start=r.random_start, generator=r.generator, amp_dtype=r.amp_dtype)
+
+
+class NoiseVariant(NamedTuple):
+    """How a noise kind stands for one threat norm: its function and the parameters it records."""
+
+    variant: str
+    fn: Callable[[torch.Tensor, float, torch.Generator | None], torch.Tensor]
+    extra: Callable[[Request], dict[str, Any]]
+
+
+def _sign_l2_extra(r: Request) -> dict[str, Any]:
+    p: dict[str, Any] = {"radius": r.epsilon, "bounded": True}
+    if r.input_numel is not None:
+        p["per_pixel_magnitude"] = r.epsilon / math.sqrt(r.input_numel)
+    return p
+
 
 # Which noise baseline stands for a threat model (paper.md section 5.3): per-pixel sigma = eps / a random
 # l_inf vertex for l_inf; the Gaussian direction / a sign pattern rescaled to l_2 norm eps for l_2.
-NOISE_VARIANTS: dict[tuple[str, str], str] = {
-    ("gaussian", "linf"): "per_pixel_sigma",
-    ("gaussian", "l2"): "l2_norm_matched",
-    ("sign", "linf"): "linf_vertex",
-    ("sign", "l2"): "l2_sign_direction",
+NOISES: dict[str, dict[str, NoiseVariant]] = {
+    "gaussian": {
+        "linf": NoiseVariant("per_pixel_sigma", gaussian_noise, lambda r: {
+            "sigma": r.epsilon, "sigma_255": _in_255(r.epsilon), "bounded": False}),
+        "l2": NoiseVariant("l2_norm_matched", gaussian_l2, lambda r: {"radius": r.epsilon, "bounded": True}),
+    },
+    "sign": {
+        "linf": NoiseVariant("linf_vertex", random_sign,
+                             lambda r: {"per_pixel_magnitude": r.epsilon, "bounded": True}),
+        "l2": NoiseVariant("l2_sign_direction", random_sign_l2, _sign_l2_extra),
+    },
 }
+NOISE_VARIANTS: dict[tuple[str, str], str] = {
+    (k, n): v.variant for k, vs in NOISES.items() for n, v in vs.items()}
 
 
-def _check_kind(kind: str) -> None:
+def _noise(kind: str) -> Perturbation:
+    def make(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: Request) -> torch.Tensor:
+        return NOISES[kind][r.norm].fn(x, r.epsilon, r.generator)
+
+    def params(r: Request) -> dict[str, Any]:
+        v = NOISES[kind][r.norm]
+        return {**r.base_params(kind), "variant": v.variant, "clamped_to_box": True, **v.extra(r)}
+
+    return Perturbation(kind, make, params)
+
+
+# The registry of the kinds this module makes (every kind of the schema but TRAIN_ADV; checked at import).
+# Adding a kind: its function, one entry here, and its name in the schema's attack.kinds enum.
+PERTURBATIONS: dict[str, Perturbation] = {
+    p.name: p for p in (
+        Perturbation("clean", lambda model, x, y, r: x, lambda r: {"kind": "clean"}),
+        Perturbation("pgd", _make_pgd, lambda r: _pgd_params("pgd", r)),
+        Perturbation("targeted", _make_targeted, lambda r: _pgd_params("targeted", r)),
+        _noise("gaussian"),
+        _noise("sign"),
+    )
+}
+KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != TRAIN_ADV)
+if set(KINDS) != set(PERTURBATIONS):
+    raise RuntimeError(f"the schema's attack.kinds {sorted(KINDS)} (without {TRAIN_ADV}) differ from the "
+                       f"perturbation registry {sorted(PERTURBATIONS)}")
+if NORMS != tuple(load_schema()["$defs"]["threat"]["properties"]["norm"]["enum"]):
+    raise RuntimeError(f"the schema's threat norms differ from the norm registry {NORMS}")
+
+
+def _entry(kind: str, norm: str) -> Perturbation:
     if kind not in KINDS:
         raise ValueError(f"unknown perturbation kind {kind!r}; known: {', '.join(KINDS)}")
+    _check_norm(norm)
+    return PERTURBATIONS[kind]
 
 
 def perturb(
@@ -530,33 +676,13 @@ def perturb(
     * ``sign``: l_inf threat: a random vertex of the eps-ball (:func:`random_sign`); l_2 threat: a random sign
       pattern of l_2 norm eps (:func:`random_sign_l2`).
 
-    :func:`kind_params` gives the matching record of parameters.  Output is on the model's device for the
-    attacks and on ``x``'s device for the noise kinds.
+    :func:`kind_params` gives the matching record of parameters (both come from the kind's
+    :data:`PERTURBATIONS` entry).  Output is on the model's device for the attacks and on ``x``'s device for
+    the noise kinds.
     """
-    _check_kind(kind)
-    _check_norm(norm)
-    if kind == "clean":
-        return x
-    if kind in ("pgd", "targeted"):
-        if kind == "targeted" and targets is None:
-            if num_classes is None:
-                raise ValueError("the targeted kind needs `targets` or `num_classes`")
-            targets = target_labels(y, num_classes, target_rule, generator=generator)
-        return pgd(model, x, y, norm=norm, epsilon=epsilon, step=step, steps=steps, restarts=restarts,
-                   targets=targets if kind == "targeted" else None, random_start=random_start,
-                   generator=generator, amp_dtype=amp_dtype)
-    variant = NOISE_VARIANTS[(kind, norm)]
-    if variant == "per_pixel_sigma":
-        return gaussian_noise(x, epsilon, generator=generator)
-    if variant == "l2_norm_matched":
-        return gaussian_l2(x, epsilon, generator=generator)
-    if variant == "linf_vertex":
-        return random_sign(x, epsilon, generator=generator)
-    return random_sign_l2(x, epsilon, generator=generator)
-
-
-def _in_255(v: float) -> float:
-    return round(v * 255.0, 9)  # 64/255 * 255 prints as 64.0, not 64.00000000000001
+    entry = _entry(kind, norm)
+    return entry.make(model, x, y, Request(norm, epsilon, step, steps, restarts, targets, num_classes,
+                                           target_rule, random_start, generator, amp_dtype))
 
 
 def kind_params(
@@ -576,28 +702,6 @@ def kind_params(
     Pixel units, plus ``*_255`` copies in the config's 1/255 units.  ``input_numel`` (pixels per sample) is
     needed to record the per-pixel magnitude of the l_2 sign noise.
     """
-    _check_kind(kind)
-    _check_norm(norm)
-    if kind == "clean":
-        return {"kind": kind}
-    base: dict[str, Any] = {"kind": kind, "norm": norm, "epsilon": epsilon, "epsilon_255": _in_255(epsilon)}
-    if kind in ("pgd", "targeted"):
-        p = {**base, "step": step, "step_255": _in_255(step), "steps": steps, "restarts": restarts,
-             "random_start": random_start, "model_mode": "eval",
-             "loss": "-cross_entropy(target)" if kind == "targeted" else "cross_entropy(true)"}
-        if kind == "targeted":
-            p["target_rule"] = target_rule
-        return p
-    variant = NOISE_VARIANTS[(kind, norm)]
-    p = {**base, "variant": variant, "clamped_to_box": True}
-    if variant == "per_pixel_sigma":
-        p.update(sigma=epsilon, sigma_255=_in_255(epsilon), bounded=False)
-    elif variant == "l2_norm_matched":
-        p.update(radius=epsilon, bounded=True)
-    elif variant == "linf_vertex":
-        p.update(per_pixel_magnitude=epsilon, bounded=True)
-    else:
-        p.update(radius=epsilon, bounded=True)
-        if input_numel is not None:
-            p["per_pixel_magnitude"] = epsilon / math.sqrt(input_numel)
-    return p
+    entry = _entry(kind, norm)
+    return entry.params(Request(norm, epsilon, step, steps, restarts, target_rule=target_rule,
+                                random_start=random_start, input_numel=input_numel))

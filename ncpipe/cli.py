@@ -32,10 +32,11 @@ def _write_csv(df, out: str) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    from .specs import TrainSpec
     from .train import run_training
 
-    spec = _spec(a.spec)
-    epochs = spec["checkpoints"]
+    spec = TrainSpec.from_dict(_spec(a.spec), "--spec")
+    epochs = list(spec.checkpoints)
     if len(epochs) != len(a.checkpoints):
         raise SystemExit(f"got {len(a.checkpoints)} checkpoint paths for checkpoint epochs {epochs}")
     run_training(spec, dict(zip(epochs, a.checkpoints, strict=True)), a.log_csv, a.resume_dir)
@@ -43,8 +44,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_features(a: argparse.Namespace) -> None:
     from .extract import extract_features
+    from .specs import FeaturesSpec
 
-    extract_features(_spec(a.spec), a.checkpoint, a.out)
+    extract_features(FeaturesSpec.from_dict(_spec(a.spec), "--spec"), a.checkpoint, a.out)
 
 
 def cmd_metrics(a: argparse.Namespace) -> None:
@@ -63,8 +65,10 @@ def cmd_aggregate(a: argparse.Namespace) -> None:
 
 def cmd_layerwise(a: argparse.Namespace) -> None:
     from .layerwise import run_layerwise
+    from .specs import LayerwiseSpec
 
-    run_layerwise(_spec(a.spec), a.checkpoint, a.out_csv, a.out_h5, regime=a.regime)
+    run_layerwise(LayerwiseSpec.from_dict(_spec(a.spec), "--spec"), a.checkpoint, a.out_csv, a.out_h5,
+                  regime=a.regime)
 
 
 def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
@@ -98,15 +102,18 @@ def cmd_train_logs(a: argparse.Namespace) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from .inspect import run
+    from .inspect import EXIT_NOT_SUPPORTED, EXIT_UNREADABLE, NotSupportedError, run
     from .io import DumpError
 
     try:
         text, status = run(a.file, as_json=a.json, verify=a.verify, checkpoint=a.checkpoint, rows=a.rows,
                            data_dir=a.data_dir)
+    except NotSupportedError as err:  # a readable file asked for something this ncpipe cannot do with it
+        print(f"ncpipe inspect: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_NOT_SUPPORTED) from None
     except DumpError as err:  # a clear one-line message, no traceback, for a bad file
         print(f"ncpipe inspect: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_UNREADABLE) from None
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `ncpipe inspect F | head`: the reader left, which is not an error

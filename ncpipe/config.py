@@ -1,4 +1,7 @@
-"""Config loading and validation against ``workflow/schemas/config.schema.yaml`` (the single schema).
+"""Config loading and validation against ``ncpipe/schemas/config.schema.yaml`` (the single schema).
+
+The schema is package data: an installed ncpipe (wheel, not only an editable clone) reads it, and the
+workflow's ``common.smk`` validates against this same file.
 
 The workflow validates with Snakemake's ``validate`` (which also fills defaults); this module re-runs the same
 schema with jsonschema to turn a failure into one line that names the offending key and the allowed values,
@@ -17,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):

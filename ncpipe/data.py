@@ -14,6 +14,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,19 @@ def load_dataset(
     data.x_train, data.y_train = data.x_train[tr], data.y_train[tr]
     data.x_test, data.y_test = data.x_test[te], data.y_test[te]
     return data
+
+
+def load_data(spec: Any) -> ImageData:
+    """The dataset of a spec's ``data`` section: a :class:`~ncpipe.specs.DataSpec`, a spec that holds one
+    (train/features/layerwise), or the dict form of either; missing keys take the schema's defaults."""
+    from .specs import DataSpec
+
+    d = getattr(spec, "data", spec)
+    if isinstance(d, dict) and "data" in d:
+        d = d["data"]
+    d = DataSpec.from_dict(d, "data")
+    return load_dataset(d.name, d.dir, download=d.download, train_per_class=d.train_per_class,
+                        test_per_class=d.test_per_class)
 
 
 # ------------------------------------------------------------------------------------------------ mnist5k
@@ -329,3 +343,15 @@ def ensure_datasets(names: list[str], data_dir: str | Path, download: bool) -> N
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255.0)
+
+
+def _check_registry_against_schema() -> None:
+    # the schema's enum is what a config may name; the registry is what this code can build: one list
+    from .config import schema_enum
+
+    if set(schema_enum("datasets")) != set(LOADERS):
+        raise RuntimeError(f"the schema's datasets enum {sorted(schema_enum('datasets'))} differs from the "
+                           f"registered dataset loaders {sorted(LOADERS)}; add the name to both")
+
+
+_check_registry_against_schema()

@@ -107,15 +107,6 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-_WILDCARD_RE = {
-    "dataset": r"[a-z0-9]+",
-    "arch": r"[a-z0-9]+",
-    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
-    "norm": r"linf|l2",
-    "eps": r"[0-9.]+",
-}
-
-
 def stem_keys(family: str) -> list[str]:
     """The wildcards in ``family``'s file stem, in the order they appear."""
     return re.findall(r"{(\w+)}", FAMILIES[family].stem)
@@ -124,7 +115,7 @@ def stem_keys(family: str) -> list[str]:
 def _match_stem(pattern: str, stem: str) -> dict[str, str] | None:
     """The wildcards of ``stem`` as an instance of ``pattern`` (``None`` if it is not one)."""
     rx = re.escape(pattern)
-    for k, sub in _WILDCARD_RE.items():
+    for k, sub in paths.WILDCARD_PATTERNS.items():
         rx = rx.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{sub})")
     m = re.fullmatch(rx, stem)
     return None if m is None else m.groupdict()

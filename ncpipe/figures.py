@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
-from .grid import method_of  # noqa: E402
+from .grid import METHOD_LABELS, method_of  # noqa: E402
 from .io import KIND_ORDER  # noqa: E402
 from .utils import atomic_output  # noqa: E402
 
@@ -50,7 +50,6 @@ PALETTE = {
     "sign": "#ff7f0e",
     "train_adv": "#8c564b",
 }
-METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
 METHOD_ORDER = ["st", "at", "trades"]
 NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
 

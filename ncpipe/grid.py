@@ -8,11 +8,25 @@ and adding a seed or an epsilon only adds jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from . import paths
+from .specs import (
+    Adversary,
+    DataSpec,
+    FeaturesSpec,
+    LayerwiseOptions,
+    LayerwiseSpec,
+    Optim,
+    RuntimeSpec,
+    Storage,
+    Threat,
+    TradesSpec,
+    TrainSpec,
+)
 
 
 def fmt_eps(eps: float) -> str:
@@ -31,6 +45,10 @@ def regime_id(method: str, adversary: dict[str, Any] | None) -> str:
 
 def method_of(regime: str) -> str:
     return regime.split("_", 1)[0]
+
+
+# How figures and tables name the training methods (in this order), defined once.
+METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
 
 
 @dataclass(frozen=True)
@@ -92,74 +110,73 @@ def _wc(wildcards: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- rule params
-def _dump(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True)
+# Each returns the rule's ``--spec`` as JSON (a typed spec of ncpipe.specs, serialised with sorted keys).
+def data_spec(config: dict[str, Any], dataset: str) -> DataSpec:
+    return DataSpec.from_dict({**config["data"], "name": dataset}, "data")
 
 
-def data_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
-    d = config["data"]
-    return {"name": dataset, "dir": d["dir"], "train_per_class": d["train_per_class"],
-            "test_per_class": d["test_per_class"], "download": d["download"]}
+def runtime_spec(config: dict[str, Any]) -> RuntimeSpec:
+    return RuntimeSpec.from_dict(config["runtime"], "runtime")
 
 
-def runtime_spec(config: dict[str, Any]) -> dict[str, Any]:
-    return dict(config["runtime"])
-
-
-def train_spec(config: dict[str, Any], wildcards: Any) -> str:
+def train_spec_of(config: dict[str, Any], wildcards: Any) -> TrainSpec:
     wc = _wc(wildcards)
     method = method_of(wc["regime"])
     tr = config["train"]
-    spec: dict[str, Any] = {
-        "data": data_spec(config, wc["dataset"]),
-        "arch": wc["arch"],
-        "width": config["model"]["width"],
-        "method": method,
-        "seed": int(wc["seed"]),
-        "optim": {k: tr[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay",
-                                     "lr_milestones",
-                                     "lr_decay")},
-        "checkpoints": sorted(tr["checkpoints"]),
-        "runtime": runtime_spec(config),
-    }
-    if method != "st":
-        spec["adversary"] = dict(tr["adversary"])
-        spec["record_adversarial"] = tr["record_adversarial"]
-    if method == "at":
-        spec["at_attack_mode"] = tr["at_attack_mode"]
-    if method == "trades":
-        spec["trades"] = {"beta": tr["trades_beta"], "bn_quirk": tr["trades_bn_quirk"]}
-    return _dump(spec)
+    return TrainSpec(
+        data=data_spec(config, wc["dataset"]),
+        arch=wc["arch"],
+        width=config["model"]["width"],
+        method=method,
+        seed=int(wc["seed"]),
+        optim=Optim.from_dict({k: tr[k] for k in (f.name for f in dataclasses.fields(Optim))}, "train"),
+        checkpoints=tuple(sorted(tr["checkpoints"])),
+        runtime=runtime_spec(config),
+        adversary=Adversary.from_dict(tr["adversary"], "train.adversary") if method != "st" else None,
+        record_adversarial=tr["record_adversarial"] if method != "st" else None,
+        at_attack_mode=tr["at_attack_mode"] if method == "at" else None,
+        trades=TradesSpec(tr["trades_beta"], tr["trades_bn_quirk"]) if method == "trades" else None,
+    )
 
 
-def threat_spec(config: dict[str, Any], norm: str, eps: str) -> dict[str, Any]:
+def train_spec(config: dict[str, Any], wildcards: Any) -> str:
+    return train_spec_of(config, wildcards).to_json()
+
+
+def threat_spec(config: dict[str, Any], norm: str, eps: str) -> Threat:
     t = config["attack"]["threats"][norm]
-    return {"norm": norm, "epsilon": float(eps), "step": t["step"], "steps": t["steps"],
-            "restarts": config["attack"]["restarts"]}
+    return Threat(norm=norm, epsilon=float(eps), step=t["step"], steps=t["steps"],
+                  restarts=config["attack"]["restarts"])
+
+
+def features_spec_of(config: dict[str, Any], wildcards: Any) -> FeaturesSpec:
+    a = config["attack"]
+    return FeaturesSpec(
+        data=data_spec(config, wildcards["dataset"]),
+        threat=threat_spec(config, wildcards["norm"], wildcards["eps"]),
+        kinds=tuple(a["kinds"]),
+        splits=tuple(a["splits"]),
+        target_rule=a["target_rule"],
+        batch_size=a["batch_size"],
+        storage=Storage.from_dict(config["features"], "features"),
+        runtime=runtime_spec(config),
+    )
 
 
 def features_spec(config: dict[str, Any], wildcards: Any) -> str:
-    a = config["attack"]
-    spec = {
-        "data": data_spec(config, wildcards["dataset"]),
-        "threat": threat_spec(config, wildcards["norm"], wildcards["eps"]),
-        "kinds": list(a["kinds"]),
-        "splits": list(a["splits"]),
-        "target_rule": a["target_rule"],
-        "batch_size": a["batch_size"],
-        "storage": dict(config["features"]),
-        "runtime": runtime_spec(config),
-    }
-    return _dump(spec)
+    return features_spec_of(config, wildcards).to_json()
+
+
+def layerwise_spec_of(config: dict[str, Any], wildcards: Any) -> LayerwiseSpec:
+    f = features_spec_of(config, wildcards)
+    parts = {x.name: getattr(f, x.name) for x in dataclasses.fields(f)}
+    return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",)},
+                         layerwise=LayerwiseOptions.from_dict(config["layerwise"], "layerwise"))
 
 
 def layerwise_spec(config: dict[str, Any], wildcards: Any) -> str:
-    spec = json.loads(features_spec(config, wildcards))
-    spec["kinds"] = ["clean", "pgd"]
-    spec["splits"] = ["train"]
-    spec["layerwise"] = dict(config["layerwise"])
-    return _dump(spec)
+    return layerwise_spec_of(config, wildcards).to_json()
 
 
 def figures_spec(config: dict[str, Any]) -> str:
-    return _dump(dict(config["figures"]))
+    return json.dumps(dict(config["figures"]), sort_keys=True)

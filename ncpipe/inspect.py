@@ -14,7 +14,16 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .io import SPLITS, DumpError, attrs_dict, group_keys, kind_sort_key, open_dump
+from .io import (
+    SPLITS,
+    DumpError,
+    NotSupportedError,
+    attrs_dict,
+    group_keys,
+    kind_sort_key,
+    layer_order,
+    open_dump,
+)
 
 # Root attributes shown in the provenance block, in this order (the rest follow alphabetically).
 PROVENANCE = ("format_version", "complete", "dataset", "arch", "width", "method", "training_adversary",
@@ -22,6 +31,12 @@ PROVENANCE = ("format_version", "complete", "dataset", "arch", "width", "method"
               "steps", "restarts", "checkpoint", "checkpoint_sha256", "created_utc", "ncpipe_version",
               "torch_version")
 MAX_CLASS_COLUMNS = 20
+# Exit status of ``ncpipe inspect`` (documented in docs/hdf5-format.md and the README).
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1  # --verify: the checkpoint's sha256 or the recomputed features do not match
+EXIT_UNREADABLE = 2  # missing, truncated, incomplete or foreign file
+EXIT_NOT_SUPPORTED = 3  # a readable ncpipe file, but the request does not apply to its kind
+
 # Relative row-norm error allowed by --verify.  Any change of weights moves features by O(1); these bounds
 # only absorb float16 storage rounding, TF32 convolutions on GPUs, and bf16 autocast (runtime.amp).
 VERIFY_TOL = {"float32": 5e-3, "float16": 5e-3, "amp": 5e-2}
@@ -202,34 +217,88 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- verify
+def _spread(n: int, rows: int) -> np.ndarray:
+    """Up to ``rows`` row numbers spread evenly over ``0..n-1``."""
+    return np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)) if n else np.zeros(0, int)
+
+
+def _stored_rows(f: h5py.File, rows: int) -> dict[str, dict[str, Any]]:
+    """The clean rows ``--verify`` recomputes: per group, its split, the rows of the split, what is stored."""
+    out: dict[str, dict[str, Any]] = {}
+    if file_kind(f) == "layerwise":
+        split = str(f.attrs.get("split", "train"))
+        for layer in layer_order(f):
+            if f"layers/{layer}/clean" not in f:
+                continue
+            g = f[f"layers/{layer}/clean"]
+            if "indices" not in g:
+                raise NotSupportedError(f"{g.name} has no 'indices' (the rows of the split it holds), so its "
+                                        "features cannot be recomputed")
+            sel = _spread(len(g["labels"]), rows)
+            out[f"{layer}/clean"] = {"split": split, "layer": layer, "n": None, "rows": g["indices"][:][sel],
+                                     "features": g["features"][sel], "labels": g["labels"][sel],
+                                     "predictions": None, "dtype": str(g["features"].dtype)}
+        return out
+    for split in SPLITS:
+        if f"{split}/clean" not in f:
+            continue
+        g = f[f"{split}/clean"]
+        n = len(g["labels"])
+        idx = _spread(n, rows)
+        out[f"{split}/clean"] = {"split": split, "layer": None, "n": n, "rows": idx,
+                                 "features": g["features"][idx], "labels": g["labels"][idx],
+                                 "predictions": g["predictions"][idx], "dtype": str(g["features"].dtype)}
+    return out
+
+
+def _recompute(model: Any, x: Any, layer: str | None, pool: int) -> tuple[np.ndarray, Any]:
+    """Clean features of ``x`` (uint8 images) at the penultimate layer, or at probe ``layer`` as the
+    layerwise stage stores them (pooled, flattened); with the logits (None for a probe)."""
+    import torch
+
+    from .data import to_float
+
+    xf = to_float(x)
+    with torch.no_grad():
+        if layer is None:
+            h, logits = model.forward_features(xf)
+            return h.double().numpy(), logits
+        from .layerwise import ProbeHooks, pooled
+
+        probes = dict(model.probe_layers())
+        if layer not in probes:
+            raise DumpError(f"the checkpoint's model has no probe {layer!r}; its probes: {list(probes)}")
+        got: list[torch.Tensor] = []
+        with ProbeHooks([(layer, probes[layer])]) as hooks:
+            hooks.sink = lambda _name, out: got.append(pooled(out, pool).reshape(len(out), -1).float())
+            model(xf)
+        return got[0].double().numpy(), None
+
+
 def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, rows: int = 8,
                 data_dir: str | None = None) -> dict[str, Any]:
     """Recompute a few clean features from the checkpoint and compare; check the checkpoint's sha256.
 
-    Returns ``{"ok": bool, "problems": [...], "checks": [...]}``; ``problems`` holds one readable sentence per
-    failure.  Only feature dumps (not layerwise files) can be verified.
+    Feature dumps: the penultimate features of ``rows`` rows per split.  Layerwise files: every probe's stored
+    (pooled, flattened) clean features of ``rows`` of its subsampled rows.  Returns ``{"ok": bool,
+    "problems": [...], "checks": [...]}``; ``problems`` holds one readable sentence per failure.
     """
     import torch
 
-    from .data import to_float
-    from .train import load_checkpoint, load_data
+    from .checkpoint import load_checkpoint
+    from .data import load_data
+    from .specs import FeaturesSpec, LayerwiseSpec, SpecError
     from .utils import sha256_file
 
     problems: list[str] = []
     checks: list[dict[str, Any]] = []
     with open_dump(path) as f:
-        if file_kind(f) != "features":
-            raise DumpError(f"{path}: --verify supports feature dumps only (this is a {file_kind(f)} file)")
+        kind = file_kind(f)
+        if kind == "unknown":
+            raise NotSupportedError(f"{path}: --verify supports feature dumps and layerwise files only; "
+                                    f"exit status {EXIT_NOT_SUPPORTED}")
         root = _root_attrs(f)
-        stored = {}
-        for split in SPLITS:
-            if f"{split}/clean" not in f:
-                continue
-            g = f[f"{split}/clean"]
-            n = len(g["labels"])
-            idx = np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)) if n else []
-            stored[split] = (n, idx, g["features"][idx], g["labels"][idx], g["predictions"][idx],
-                             str(g["features"].dtype))
+        stored = _stored_rows(f, rows)
     if not stored:
         raise DumpError(f"{path} has no clean group to verify against")
     ckpt_path = Path(checkpoint) if checkpoint else Path(str(root.get("checkpoint", "")))
@@ -250,32 +319,43 @@ def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
     if data_dir:
         spec = {**spec, "data": {**spec["data"], "dir": data_dir}}
+    try:
+        fspec = (LayerwiseSpec if kind == "layerwise" else FeaturesSpec).from_dict(spec, "the dump's config")
+    except SpecError as err:
+        problems.append(f"{err}; cannot reload the images")
+        return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
+    pool = int(root.get("pool", 0))
     model, _ = load_checkpoint(ckpt_path, "cpu")
-    data = load_data(spec)
-    amp = bool(spec.get("runtime", {}).get("amp"))
-    for split, (n, idx, feats, labels, preds, dtype) in stored.items():
-        x, y = data.split(split)
-        if len(x) != n:
-            problems.append(f"{split}: the dataset now has {len(x)} images but /{split}/clean has {n} rows "
+    data = load_data(fspec)
+    amp = fspec.runtime.amp
+    for name, st in stored.items():
+        x, y = data.split(st["split"])
+        idx = np.asarray(st["rows"], dtype=np.int64)
+        if st["n"] is not None and len(x) != st["n"]:
+            problems.append(f"{name}: the dataset now has {len(x)} images but the group has {st['n']} rows "
                             "(data subset settings differ)")
             continue
-        with torch.no_grad():
-            h, logits = model.forward_features(to_float(x[torch.as_tensor(idx)]))
-        h = h.double().numpy()
-        ref = feats.astype(np.float64)
+        if len(idx) and int(idx.max()) >= len(x):
+            problems.append(f"{name}: rows up to {int(idx.max())} are stored but the {st['split']} split now "
+                            f"has {len(x)} images (data subset settings differ)")
+            continue
+        h, logits = _recompute(model, x[torch.as_tensor(idx)], st["layer"], pool)
+        ref = st["features"].astype(np.float64)
         err = np.linalg.norm(h - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
-        tol = VERIFY_TOL["amp"] if amp else VERIFY_TOL.get(dtype, VERIFY_TOL["float32"])
+        tol = VERIFY_TOL["amp"] if amp else VERIFY_TOL.get(st["dtype"], VERIFY_TOL["float32"])
         ok_f = bool(np.all(err <= tol))
-        ok_l = bool(np.array_equal(y[torch.as_tensor(idx)].numpy(), labels))
-        checks.append({"check": f"{split}/clean features", "rows": idx.tolist(),
-                       "max_rel_error": float(err.max()), "tolerance": tol, "labels_match": ok_l,
-                       "predictions_match": int((logits.argmax(1).numpy() == preds).sum()),
-                       "ok": ok_f and ok_l})
+        ok_l = bool(np.array_equal(y[torch.as_tensor(idx)].numpy(), st["labels"]))
+        check = {"check": f"{name} features", "rows": idx.tolist(),
+                 "max_rel_error": float(err.max(initial=0)), "tolerance": tol, "labels_match": ok_l,
+                 "ok": ok_f and ok_l}
+        if logits is not None:
+            check["predictions_match"] = int((logits.argmax(1).numpy() == st["predictions"]).sum())
+        checks.append(check)
         if not ok_f:
-            problems.append(f"{split}/clean: features recomputed from {ckpt_path} differ from the stored "
+            problems.append(f"{name}: features recomputed from {ckpt_path} differ from the stored "
                             f"ones (max relative error {err.max():.3g} > {tol:g} over rows {idx.tolist()})")
         if not ok_l:
-            problems.append(f"{split}/clean: stored labels differ from the dataset's (the data changed)")
+            problems.append(f"{name}: stored labels differ from the dataset's (the data changed)")
     return {"ok": not problems, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
 
 
@@ -296,7 +376,11 @@ def format_verify(v: dict[str, Any]) -> str:
 
 def run(path: str, *, as_json: bool = False, verify: bool = False, checkpoint: str | None = None,
         rows: int = 8, data_dir: str | None = None) -> tuple[str, int]:
-    """The text ``ncpipe inspect`` prints and its exit status (0 fine, 1 verification failed)."""
+    """The text ``ncpipe inspect`` prints and its exit status (``EXIT_OK`` or ``EXIT_VERIFY_FAILED``).
+
+    Raises ``DumpError`` for an unreadable file (``EXIT_UNREADABLE``) and ``NotSupportedError`` for a request
+    that does not apply to the file's kind (``EXIT_NOT_SUPPORTED``).
+    """
     s = summarize(path)
     v = verify_dump(path, checkpoint, rows=rows, data_dir=data_dir) if verify else None
     if as_json:

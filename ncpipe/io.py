@@ -13,7 +13,9 @@ The format is specified in docs/hdf5-format.md (``format_version`` 1.1); in shor
 
 Row ``i`` of every group of one split is the same image (sample ``i`` of that split as ``ncpipe.data``
 loads it), so clean and perturbed features pair up by position.  The layerwise file
-(``paths.LAYERWISE_H5``) uses ``/layers/{layer}/{kind}/features|labels``; ``ncpipe.inspect`` reads both.
+(``paths.LAYERWISE_H5``) uses ``/layers/{layer}/{kind}/features|labels|indices``: read one group with
+:func:`load_layer`, list the probes with :func:`layers`; :func:`to_xarray` opens both layouts and
+``ncpipe.inspect`` summarises both.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ KIND_ORDER = schema_enum("attack", "kinds")
 
 class DumpError(RuntimeError):
     """A feature dump is missing, truncated or not an ncpipe dump."""
+
+
+class NotSupportedError(DumpError):
+    """The file is a readable ncpipe file, but the operation asked for does not apply to its layout."""
 
 
 def _attr(v: Any) -> Any:
@@ -155,9 +161,13 @@ def load_features(path: str | os.PathLike, split: str, perturbation: str
     """``(features, labels, predictions, attrs)`` of one group; attrs merge the root's and the group's.
 
     Features keep their stored dtype (float32, or float16 when written so): cast before doing algebra in them;
-    ``ncpipe.metrics`` computes in float64 whatever it receives.
+    ``ncpipe.metrics`` computes in float64 whatever it receives.  A layerwise file is refused with a pointer
+    to :func:`load_layer`.
     """
     with open_dump(path) as f:
+        if is_layerwise(f):
+            raise NotSupportedError(f"{path} is a layerwise file; read it with load_layer(path, layer, kind) "
+                                    f"(layers: {layer_order(f)}) or to_xarray(path)")
         key = f"{split}/{perturbation}"
         if key not in f:
             raise DumpError(f"{path} has no group {key!r}; it holds {[f'{s}/{k}' for s, k in group_keys(f)]}")
@@ -166,6 +176,51 @@ def load_features(path: str | os.PathLike, split: str, perturbation: str
         if "targets" in g:
             attrs["targets"] = g["targets"][:]
         return g["features"][:], g["labels"][:], g["predictions"][:], attrs
+
+
+def is_layerwise(f: h5py.File) -> bool:
+    """Whether an open file has the layerwise layout (``/layers/{layer}/{kind}``)."""
+    return "layers" in f
+
+
+def layer_order(f: h5py.File) -> list[str]:
+    """The probe names of an open layerwise file, shallow to deep (unrecorded ``layer_index``: last)."""
+    def index(name: str) -> tuple[int, str]:
+        g = f[f"layers/{name}"]
+        li = g.attrs.get("layer_index")
+        if li is None:
+            li = next((g[k].attrs.get("layer_index") for k in g if "layer_index" in g[k].attrs), None)
+        return (int(li) if li is not None else 1 << 30, name)
+
+    return sorted(f["layers"], key=index)
+
+
+def layers(path: str | os.PathLike) -> list[str]:
+    """The probe names of a layerwise file, shallow to deep (by the recorded ``layer_index``)."""
+    with open_dump(path) as f:
+        if not is_layerwise(f):
+            raise NotSupportedError(f"{path} is a feature dump, not a layerwise file; use groups(path)")
+        return layer_order(f)
+
+
+def load_layer(path: str | os.PathLike, layer: str, perturbation: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(features, labels, indices, attrs)`` of one probe and perturbation of a layerwise file.
+
+    ``features`` is ``(n, d)`` in the stored dtype (the probe's output flattened, after the optional pooling;
+    ``attrs["original_shape"]`` / ``attrs["stored_shape"]`` give the per-sample shapes); ``indices`` are the
+    rows of the split (``attrs["split"]``) the n subsampled images are; attrs merge the root's and the
+    group's.
+    """
+    with open_dump(path) as f:
+        if not is_layerwise(f):
+            raise NotSupportedError(f"{path} is a feature dump, not a layerwise file; use load_features")
+        key = f"layers/{layer}/{perturbation}"
+        if key not in f:
+            have = [f"{n}/{k}" for n in layer_order(f) for k in sorted(f[f"layers/{n}"], key=kind_sort_key)]
+            raise DumpError(f"{path} has no layerwise group {layer}/{perturbation}; it holds {have}")
+        g = f[key]
+        return g["features"][:], g["labels"][:], g["indices"][:], {**attrs_dict(f), **attrs_dict(g)}
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +254,12 @@ def samples_frame(path: str | os.PathLike) -> pd.DataFrame:
 
     parts = []
     with open_dump(path) as f:
+        if is_layerwise(f):
+            # no per-sample predictions there, and each layer holds the same subsample: one row per sample
+            # and group would only repeat the labels; the loaders give what the file has
+            raise NotSupportedError(f"{path} is a layerwise file, which holds no per-sample predictions; use "
+                                    "to_xarray(path) (labels and split indices per sample) or "
+                                    "load_layer(path, layer, kind)")
         keys = group_keys(f)
         for split, kind in keys:
             g = f[f"{split}/{kind}"]
@@ -240,11 +301,17 @@ def to_xarray(path: str | os.PathLike, split: str | None = None) -> xr.Dataset:
     perturbation has NaN features and -1 predictions there.
     Root attributes become ``ds.attrs``; each group's attributes are in ``ds.attrs["groups"]`` (JSON).
     Call ``ds.reset_index("sample")`` before ``to_netcdf``: netCDF cannot store a MultiIndex.
+
+    A layerwise file gives one variable per probe, ``{layer}(perturbation, sample, {layer}_feature)`` (the
+    probes' widths differ), with ``labels(sample)`` and ``index(sample)`` (the row of the split each
+    subsampled image is); ``ds.attrs["layers"]`` lists the probes shallow to deep.
     """
     xr = _xarray()
     import pandas as pd
 
     with open_dump(path) as f:
+        if is_layerwise(f):
+            return _layerwise_xarray(xr, f, path, split)
         keys = group_keys(f)
         if not keys:
             raise DumpError(f"{path} holds no /{{split}}/{{kind}} groups")
@@ -302,4 +369,39 @@ def to_xarray(path: str | os.PathLike, split: str | None = None) -> xr.Dataset:
     ds.attrs = {**root, "groups": json.dumps(group_attrs, sort_keys=True)}
     if split is not None:
         ds.attrs["split"] = split
+    return ds
+
+
+def _layerwise_xarray(xr: Any, f: h5py.File, path: str | os.PathLike, split: str | None) -> xr.Dataset:
+    root = attrs_dict(f)
+    stored_split = root.get("split")
+    if split is not None and stored_split is not None and split != stored_split:
+        raise DumpError(f"{path} is a layerwise file of the {stored_split!r} split, not {split!r}")
+    names = layer_order(f)
+    if not names:
+        raise DumpError(f"{path} holds no /layers/{{layer}}/{{kind}} groups")
+    kinds = sorted({k for n in names for k in f[f"layers/{n}"]}, key=kind_sort_key)
+    ref = next(f[f"layers/{n}/{k}"] for n in names for k in kinds if f"layers/{n}/{k}" in f)
+    labels, index = ref["labels"][:], ref["indices"][:]
+    data_vars: dict[str, Any] = {"labels": ("sample", labels)}
+    group_attrs = {}
+    for n in names:
+        present = [k for k in kinds if f"layers/{n}/{k}" in f]
+        dim = f[f"layers/{n}/{present[0]}/features"].shape[1]
+        dtype = f[f"layers/{n}/{present[0]}/features"].dtype
+        feats = np.full((len(kinds), len(labels), dim), np.nan, dtype=dtype)
+        for ki, k in enumerate(kinds):
+            if k not in present:
+                continue
+            g = f[f"layers/{n}/{k}"]
+            if (g["features"].shape != (len(labels), dim) or not np.array_equal(g["labels"][:], labels)
+                    or not np.array_equal(g["indices"][:], index)):
+                raise DumpError(f"{path}: group {g.name} is not row-aligned with {ref.name} (different "
+                                "shape, labels or indices); read it with load_layer instead")
+            g["features"].read_direct(feats, dest_sel=np.s_[ki])
+            group_attrs[f"{n}/{k}"] = attrs_dict(g)
+        data_vars[n] = (("perturbation", "sample", f"{n}_feature"), feats)
+    ds = xr.Dataset(data_vars, coords={"sample": np.arange(len(labels)), "index": ("sample", index),
+                                       "perturbation": kinds})
+    ds.attrs = {**root, "layers": names, "groups": json.dumps(group_attrs, sort_keys=True)}
     return ds

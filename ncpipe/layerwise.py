@@ -3,8 +3,8 @@
 The authors did not release this code (paper.md 1.7, 2.8, 5.8); the choices made here:
 
 * probes: ``model.probe_layers()`` (paper.md 2.8), features = the module's output, flattened (D up to 65,536);
-* data: the training split (``spec["splits"]``), clean and untargeted PGD against the *full network* with the
-  features rule's threat (``spec["threat"]``), in eval mode;
+* data: the training split (``spec.splits``), clean and untargeted PGD against the *full network* with the
+  features rule's threat (``spec.threat``), in eval mode;
 * per probe and perturbation: ``nc1`` / ``nc1_over_c`` (true labels, that data's own means, exact low-rank
   formula of ``ncpipe.metrics``), ``ncc_accuracy_own_means`` and ``ncc_accuracy_clean_means`` (the NCC rule
   with the *clean* class means of that layer; for clean data both are the same number).
@@ -23,7 +23,6 @@ A per-class subsample of every probe's features (config ``layerwise.per_class``,
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from collections.abc import Callable
@@ -35,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, attacks
 from .data import to_float
-from .extract import attack_kwargs
 from .grid import regime_id
 from .io import create_dump, set_attrs, write_matrix
 from .metrics import ClassStats, NCCAccuracy
-from .train import load_checkpoint, load_data, prepare_model, runtime_setup
-from .utils import atomic_output, sha256_file
+from .runtime import autocast
+from .session import open_evaluation
+from .specs import LayerwiseSpec
+from .utils import atomic_output
 
 log = logging.getLogger("ncpipe.layerwise")
 
@@ -137,7 +136,7 @@ def analyse_layers(
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(device.type, amp):
             return net(x)
 
     def batches() -> Any:
@@ -203,43 +202,30 @@ def analyse_layers(
             "accuracy": {k: correct[k] / n for k in kinds}, "names": names}
 
 
-def run_layerwise(spec: dict[str, Any], checkpoint: str, out_csv: str, out_h5: str,
+def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv: str, out_h5: str,
                   regime: str | None = None) -> pd.DataFrame:
     """The layerwise stage for one checkpoint x threat: tidy CSV (``COLUMNS``) + HDF5 subsample file."""
-    device, amp = runtime_setup(spec["runtime"])
-    model, ckpt = load_checkpoint(checkpoint, device)
-    net = prepare_model(model, {**spec["runtime"], "compile": False}, device)  # hooks need the eager modules
-    net.eval()
-    data = load_data(spec)
-    threat, meta, lw = spec["threat"], ckpt["meta"], spec.get("layerwise", {})
-    adv = attack_kwargs(threat)
-    gen = torch.Generator(device=device).manual_seed(int(meta["seed"]) * 100_003 + int(ckpt["epoch"]))
-    num_classes = int(meta["num_classes"])
+    spec = LayerwiseSpec.from_dict(spec, "layerwise spec")
+    ev = open_evaluation(spec, checkpoint)  # eager modules: the probes are forward hooks
+    ckpt, meta, threat, lw = ev.ckpt, ev.meta, spec.threat, spec.layerwise
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return attacks.perturb("pgd", net, x, y, **adv, generator=gen, amp_dtype=amp)
+        return ev.perturb("pgd", x, y)
 
     regime = regime or regime_id(meta["method"], ckpt["spec"].get("adversary"))
     ident = {"dataset": meta["dataset"], "arch": meta["arch"], "method": meta["method"], "regime": regime,
-             "norm": threat["norm"], "epsilon": threat["epsilon"], "seed": meta["seed"],
-             "epoch": ckpt["epoch"]}
-    probes = model.probe_layers()
-    per_class, pool = int(lw.get("per_class", 0)), int(lw.get("pool", 0))
-    (split,) = spec.get("splits", ["train"])  # the file layout holds one split (the grid's: train)
-    root = {**{k: v for k, v in ident.items() if k != "epsilon"}, "split": split, "num_classes": num_classes,
-            "epsilon": threat["epsilon"] / 255.0, "epsilon_255": threat["epsilon"],
-            "step": threat["step"] / 255.0, "steps": threat["steps"], "restarts": threat["restarts"],
-            "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "config": spec,
-            "per_class": per_class, "pool": pool, "probes": [n for n, _ in probes],
-            "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "ncpipe_version": __version__, "torch_version": torch.__version__}
-    xs, ys = data.split(split)
-    res = analyse_layers(net, probes, xs, ys, num_classes=num_classes, batch_size=int(spec["batch_size"]),
-                         attack=attack, per_class=per_class, pool=pool, device=device, amp=amp)
+             "norm": threat.norm, "epsilon": threat.epsilon, "seed": meta["seed"], "epoch": ckpt["epoch"]}
+    probes = ev.model.probe_layers()
+    (split,) = spec.splits  # the file layout holds one split (the grid's: train)
+    root = {**{k: v for k, v in ident.items() if k != "epsilon"}, "split": split,
+            "num_classes": ev.num_classes, **ev.provenance(), "per_class": lw.per_class, "pool": lw.pool,
+            "probes": [n for n, _ in probes]}
+    xs, ys = ev.data.split(split)
+    res = analyse_layers(ev.net, probes, xs, ys, num_classes=ev.num_classes, batch_size=spec.batch_size,
+                         attack=attack, per_class=lw.per_class, pool=lw.pool, device=ev.device, amp=ev.amp)
     log.info("%s: network accuracy clean %.4f, pgd %.4f", split, res["accuracy"]["clean"],
              res["accuracy"]["pgd"])
     rows: list[dict[str, Any]] = []
-    storage = spec.get("storage", {})
     with create_dump(out_h5, root) as f:
         for (kind, name), vals in res["metrics"].items():
             li = res["names"].index(name)
@@ -251,12 +237,11 @@ def run_layerwise(spec: dict[str, Any], checkpoint: str, out_csv: str, out_h5: s
                 continue
             feats, labels, idx = res["subsample"][(kind, name)]
             g = f.create_group(f"layers/{name}/{kind}")
-            write_matrix(g, "features", feats, dtype=storage.get("dtype", "float32"),
-                         compression=storage.get("compression", "gzip"))
+            write_matrix(g, "features", feats, dtype=spec.storage.dtype, compression=spec.storage.compression)
             g.create_dataset("labels", data=labels)
             g.create_dataset("indices", data=idx)
             set_attrs(g, {"layer": name, "layer_index": li, "original_shape": list(res["shapes"][name]),
-                          "stored_shape": list(res["stored_shapes"].get(name, ())), "pool": pool,
+                          "stored_shape": list(res["stored_shapes"].get(name, ())), "pool": lw.pool,
                           "perturbation": kind, "split": split, "num_samples": len(labels), **vals})
     df = pd.DataFrame(rows, columns=COLUMNS)
     with atomic_output(out_csv) as tmp:

@@ -219,3 +219,15 @@ def build_model(
         raise KeyError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
     return ARCHS[arch](num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, width=width,
                        stem=stem)
+
+
+def _check_registry_against_schema() -> None:
+    # the schema's enum is what a config may name; the registry is what this code can build: one list
+    from .config import schema_enum
+
+    if set(schema_enum("archs")) != set(ARCHS):
+        raise RuntimeError(f"the schema's archs enum {sorted(schema_enum('archs'))} differs from the "
+                           f"registered architectures {sorted(ARCHS)}; add the name to both")
+
+
+_check_registry_against_schema()

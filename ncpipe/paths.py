@@ -34,6 +34,21 @@ TABLE_DIR = RESULTS + "/tables"
 FIGURES_INDEX = RESULTS + "/figures.txt"  # rule `figures`: every figure and table file, one a line
 
 
+# What each wildcard may match, defined once: Snakemake's wildcard_constraints (workflow/rules/common.smk),
+# the figure-stem parser (families.py) and the training-log path parser (tables.py) all use these.
+WILDCARD_PATTERNS = {
+    "dataset": r"[a-z0-9]+",
+    "arch": r"[a-z0-9]+",
+    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
+    "seed": r"\d+",
+    "epoch": r"\d+",
+    "norm": r"linf|l2",
+    "eps": r"[0-9.]+",
+    "family": r"[a-z0-9_]+",
+    "stem": r"[A-Za-z0-9_.\-]+",
+}
+
+
 def log(rule: str, pattern: str) -> str:
     """The log file of ``rule`` for the job whose main output is ``pattern`` (a path under results/)."""
     return f"{LOGS}/{rule}/{_stem(pattern)}.log"

@@ -19,7 +19,7 @@ import pandas as pd
 from . import paths
 from .families import parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
-from .grid import method_of
+from .grid import METHOD_LABELS, method_of
 from .utils import atomic_output
 
 # (column, split, perturbation, metric, header)
@@ -31,7 +31,6 @@ ACCURACY_COLUMNS = [
     ("ncc_test_clean", "test", "clean", "ncc_train_means_accuracy", "NCC test clean"),
     ("ncc_test_pgd", "test", "pgd", "ncc_train_means_accuracy", "NCC test PGD"),
 ]
-METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES"}
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 
 
@@ -138,7 +137,7 @@ def _run_regex() -> re.Pattern[str]:
     # the inverse of paths.TRAIN_LOG, so a log's run identity comes from where the workflow wrote it
     rx = re.escape(paths.TRAIN_LOG)
     for k in ("dataset", "arch", "regime", "seed"):
-        rx = rx.replace(re.escape("{" + k + "}"), f"(?P<{k}>[^/]+)")
+        rx = rx.replace(re.escape("{" + k + "}"), f"(?P<{k}>{paths.WILDCARD_PATTERNS[k]})")
     return re.compile(rf"(?:.*/)?{rx}")
 
 

@@ -6,6 +6,10 @@ weights as an uninterrupted one.  Checkpoints are written under the run's ``.res
 renames and published (hard-linked) to their declared outputs only when the whole job succeeds: Snakemake
 deletes a failed job's outputs, and the resume directory is what lets the rerun continue instead of
 restarting.
+
+What belongs here: the training loop alone (schedule, one step per regime, epoch loop, resume state).  The
+checkpoint format lives in ``ncpipe.checkpoint``, device/AMP/model preparation in ``ncpipe.runtime``, the
+typed training spec in ``ncpipe.specs``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,18 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import attacks
-from .data import ImageData, load_dataset, to_float
+from .checkpoint import (
+    CorruptCheckpointError,
+    adversarial_record,
+    checkpoint_payload,
+    save_atomic,
+    verify_digest,
+)
+from .data import ImageData, load_data, to_float
 from .models import NCModel, build_model
-from .utils import atomic_output, link_or_copy, pick_device, seed_everything, spec_hash, state_digest
+from .runtime import autocast, prepare_model, runtime_setup
+from .specs import TrainSpec
+from .utils import atomic_output, link_or_copy, seed_everything, spec_hash
 
 log = logging.getLogger("ncpipe.train")
 
@@ -39,55 +52,17 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message names the run and the epoch."""
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint is truncated, unreadable, not an ncpipe checkpoint, or its bytes were damaged."""
-
-
 # ------------------------------------------------------------------------------------------- building blocks
 def lr_at(t: float, epochs: int, lr: float, milestones: list[float], decay: float) -> float:
     """Piecewise-constant schedule on the fractional epoch ``t`` (the authors update it every iteration)."""
     return lr * decay ** sum(t / epochs >= m for m in milestones)
 
 
-def model_from_data(spec: dict[str, Any], data: ImageData) -> NCModel:
-    return build_model(spec["arch"], num_classes=data.num_classes, in_channels=data.in_channels,
-                       mean=data.mean, std=data.std, width=spec["width"], stem=data.stem)
-
-
-def load_data(spec: dict[str, Any]) -> ImageData:
-    d = spec["data"]
-    return load_dataset(d["name"], d["dir"], download=d.get("download", False),
-                        train_per_class=d.get("train_per_class"), test_per_class=d.get("test_per_class"))
-
-
-def runtime_setup(runtime: dict[str, Any]) -> tuple[torch.device, torch.dtype | None]:
-    device = pick_device(runtime.get("device", "auto"))
-    if runtime.get("deterministic", True):
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    # bf16 autocast only pays on GPUs; on CPU it would slow down and change numerics, so it is ignored there
-    amp = torch.bfloat16 if runtime.get("amp") and device.type == "cuda" else None
-    return device, amp
-
-
-def prepare_model(model: NCModel, runtime: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """Move to the device; channels_last and torch.compile where asked and available. Returns the callable."""
-    model.to(device)
-    if runtime.get("channels_last") and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    if runtime.get("compile"):
-        try:
-            import torch._dynamo as dynamo
-
-            # compilation is lazy: a backend that fails at the first call (no compiler, unsupported op) must
-            # fall back to eager execution instead of killing a long run
-            dynamo.config.suppress_errors = True
-            return torch.compile(model)  # type: ignore[return-value]
-        except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
-            log.warning("torch.compile unavailable (%s); running eagerly", err)
-    return model
+def model_from_data(spec: TrainSpec | dict[str, Any], data: ImageData) -> NCModel:
+    """A fresh model of the spec's architecture for ``data`` (classes, channels, normalisation, stem)."""
+    spec = TrainSpec.from_dict(spec)
+    return build_model(spec.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                       mean=data.mean, std=data.std, width=spec.width, stem=data.stem)
 
 
 @torch.no_grad()
@@ -98,7 +73,7 @@ def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     correct = 0
     for i in range(0, len(x), batch_size):
         xb = to_float(x[i:i + batch_size])
-        with torch.autocast(xb.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(xb.device.type, amp):
             correct += (model(xb).argmax(1) == y[i:i + batch_size]).sum().item()
     model.train(was_training)
     return correct / max(1, len(x))
@@ -120,88 +95,6 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         g.set_state(state["gens"][k])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_payload(model: NCModel, spec: dict[str, Any], data: ImageData, epoch: int) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "epoch": epoch,
-        "spec": spec,
-        "meta": {"arch": spec["arch"], "width": spec["width"], "num_classes": data.num_classes,
-                 "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std),
-                 "stem": data.stem, "dataset": data.name, "method": spec["method"], "seed": spec["seed"]},
-    }
-
-
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save under a temporary name, then rename; a payload with a ``model`` state dict gets its digest
-    (``model_sha256``), which ``load_checkpoint`` and the resume logic check."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = {**obj, "model_sha256": state_digest(obj["model"])}
-        if "train_adversarial" in obj:
-            obj["train_adversarial_sha256"] = state_digest(_record_tensors(obj["train_adversarial"]))
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def verify_digest(payload: dict[str, Any], path: str | Path) -> None:
-    """Raise ``CorruptCheckpointError`` when the tensors no longer match the digest written with them."""
-    recorded = payload.get("model_sha256")
-    bad = recorded is not None and state_digest(payload["model"]) != recorded
-    recorded = payload.get("train_adversarial_sha256")
-    bad |= recorded is not None and state_digest(_record_tensors(payload["train_adversarial"])) != recorded
-    if bad:
-        raise CorruptCheckpointError(
-            f"checkpoint {path} is corrupted: its tensors do not match the sha256 recorded when it was "
-            "written; delete it and rerun training"
-        )
-
-
-def _record_tensors(record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
-
-
-@torch.no_grad()
-def adversarial_record(model: NCModel, x_adv: torch.Tensor, spec: dict[str, Any], amp: torch.dtype | None,
-                       batch_size: int = 1024) -> dict[str, Any]:
-    """Penultimate features and predictions of one epoch's training-time adversarial examples.
-
-    The authors measure AT/TRADES "perturbed data" on the adversarial batches the model trained on during the
-    epoch (made mid-epoch, by the model of that moment), passed through the end-of-epoch model in eval mode
-    (paper.md section 5, item 4); ``x_adv`` holds them in dataset order. The features rule writes them as the
-    perturbation kind ``train_adv``.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    feats, preds = [], []
-    for i in range(0, len(x_adv), batch_size):
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            h, logits = model.forward_features(x_adv[i:i + batch_size].to(device))
-        feats.append(h.float().cpu())
-        preds.append(logits.argmax(1).cpu())
-    model.train(was_training)
-    return {"features": torch.cat(feats), "predictions": torch.cat(preds), "method": spec["method"],
-            "adversary": dict(spec["adversary"]),
-            "at_attack_mode": spec.get("at_attack_mode") if spec["method"] == "at" else None,
-            "trades_bn_quirk": spec["trades"]["bn_quirk"] if spec["method"] == "trades" else None}
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[NCModel, dict[str, Any]]:
-    """Rebuild a model from a checkpoint; a truncated or foreign file gives an error that names it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        meta = ckpt["meta"]
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged zip
-        raise CorruptCheckpointError(
-            f"checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}); "
-            "delete it and rerun training"
-        ) from err
-    verify_digest(ckpt, path)
-    model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                        mean=meta["mean"], std=meta["std"], width=meta["width"], stem=meta["stem"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
 
 
 def read_resume_state(resume: Path, key: str, checkpoint_epochs: list[int]) -> dict[str, Any] | None:
@@ -252,32 +145,33 @@ def check_finite_weights(model: torch.nn.Module, cell: str, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec: dict[str, Any],
+def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec: TrainSpec,
                gen: torch.Generator, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
     """One optimisation step's loss (not yet backpropagated) and the logits used for logging."""
-    method = spec["method"]
-    ac = dict(device_type=xb.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    method = spec.method
     if method == "st":
-        with torch.autocast(**ac):
+        with autocast(xb.device.type, amp):
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
         return {"loss": loss, "logits": logits}
-    adv = spec["adversary"]
-    eps, step = adv["epsilon"] / 255.0, adv["step"] / 255.0
+    assert spec.adversary is not None
+    adv = spec.adversary.threat()
     if method == "at":
-        x_adv = attacks.pgd(model, xb, yb, norm=adv["norm"], epsilon=eps, step=step, steps=adv["steps"],
-                            eval_mode=spec.get("at_attack_mode", "train") == "eval", generator=gen,
+        x_adv = attacks.pgd(model, xb, yb, norm=adv.norm, epsilon=adv.epsilon_px, step=adv.step_px,
+                            steps=adv.steps, eval_mode=spec.at_attack_mode == "eval", generator=gen,
                             amp_dtype=amp)
-        with torch.autocast(**ac):
+        with autocast(xb.device.type, amp):
             robust_logits = model(x_adv)
             loss = F.cross_entropy(robust_logits, yb)
             with torch.no_grad():  # clean pass for logging only, in train mode as in the authors' loop
                 logits = model(xb)
         return {"loss": loss, "logits": logits, "robust_logits": robust_logits, "x_adv": x_adv}
     if method == "trades":
-        tr = spec["trades"]
-        out = attacks.trades_loss(model, xb, yb, beta=tr["beta"], norm=adv["norm"], epsilon=eps, step=step,
-                                  steps=adv["steps"], bn_quirk=tr["bn_quirk"], generator=gen, amp_dtype=amp)
+        tr = spec.trades
+        assert tr is not None
+        out = attacks.trades_loss(model, xb, yb, beta=tr.beta, norm=adv.norm, epsilon=adv.epsilon_px,
+                                  step=adv.step_px, steps=adv.steps, bn_quirk=tr.bn_quirk, generator=gen,
+                                  amp_dtype=amp)
         # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
         # the BN running stats once more in train mode
         return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach(),
@@ -285,30 +179,31 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
     raise ValueError(f"unknown training method {method!r}; known: st, at, trades")
 
 
-def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_csv: str, resume_dir: str,
-                 *, stop_after_epoch: int | None = None) -> None:
+def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int, str], log_csv: str,
+                 resume_dir: str, *, stop_after_epoch: int | None = None) -> None:
     """Train one run described by ``spec`` (see ``grid.train_spec``) and publish its checkpoints and log.
 
     ``stop_after_epoch`` exists for tests that simulate an interruption at an epoch boundary.
     """
-    device, amp = runtime_setup(spec["runtime"])
-    seed_everything(spec["seed"])
+    spec = TrainSpec.from_dict(spec, "training spec")
+    device, amp = runtime_setup(spec.runtime)
+    seed_everything(spec.seed)
     data = load_data(spec)
     model = model_from_data(spec, data)
-    net = prepare_model(model, spec["runtime"], device)
-    opt = spec["optim"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt["lr"], momentum=opt["momentum"],
-                                weight_decay=opt["weight_decay"])
-    gens = {"shuffle": torch.Generator().manual_seed(spec["seed"]),
-            "attack": torch.Generator(device=device).manual_seed(spec["seed"] + 1)}
+    net = prepare_model(model, spec.runtime, device)
+    opt = spec.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+                                weight_decay=opt.weight_decay)
+    gens = {"shuffle": torch.Generator().manual_seed(spec.seed),
+            "attack": torch.Generator(device=device).manual_seed(spec.seed + 1)}
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    cell = f"{data.name}/{spec['arch']}/{spec['method']}/seed{spec['seed']}"
+    cell = f"{data.name}/{spec.arch}/{spec.method}/seed{spec.seed}"
 
     resume = Path(resume_dir)
     ckpt_dir = resume / "checkpoints"
     state_file = resume / "state.pt"
-    key = spec_hash(spec)
+    key = spec_hash(spec.to_dict())
     start_epoch, rows = 0, []
     state = read_resume_state(resume, key, sorted(checkpoint_outputs))
     if state is not None:
@@ -323,22 +218,21 @@ def run_training(spec: dict[str, Any], checkpoint_outputs: dict[int, str], log_c
     if start_epoch == 0 and 0 in checkpoint_outputs:
         save_atomic(checkpoint_payload(model, spec, data, 0), ckpt_dir / "epoch0.pt")
 
-    epochs, n = opt["epochs"], len(x_tr)
+    epochs, n = opt.epochs, len(x_tr)
     bar = tqdm(range(start_epoch, epochs), desc=f"train {cell}", initial=start_epoch, total=epochs,
                mininterval=5, dynamic_ncols=True)
     for epoch in bar:  # ``epoch`` counts completed epochs before this one
         t0 = time.time()
         net.train()
         order = torch.randperm(n, generator=gens["shuffle"]).to(device)
-        batches = order.split(opt["batch_size"])
+        batches = order.split(opt.batch_size)
         # at checkpoint epochs of AT/TRADES, keep the adversarial batches trained on (dataset order, exact
         # float32); in host memory, which has room for ImageNette's 5.7 GB where a GPU might not
-        record = spec["method"] != "st" and spec.get("record_adversarial", True)
+        record = spec.method != "st" and bool(spec.record_adversarial)
         x_adv_epoch = torch.empty(x_tr.shape) if record and epoch + 1 in checkpoint_outputs else None
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
         for i, idx in enumerate(batches):
-            lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt["lr"], opt["lr_milestones"],
-                       opt["lr_decay"])
+            lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt.lr, list(opt.lr_milestones), opt.lr_decay)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             xb, yb = to_float(x_tr[idx]), y_tr[idx]

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing, seeding, device choice, logging."""
+"""Small shared helpers: atomic writes, hashing, seeding, logging (device choice: ncpipe.runtime)."""
 
 from __future__ import annotations
 
@@ -109,19 +109,6 @@ def seed_everything(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "config asks for device 'cuda' but no CUDA device is visible; use device: auto or cpu"
-        )
-    return dev
 
 
 def set_threads(n: int | None) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ncpipe.data import to_float
-from ncpipe.train import load_checkpoint, load_data, run_training
+from ncpipe.checkpoint import load_checkpoint
+from ncpipe.data import load_data, to_float
+from ncpipe.train import run_training
 
 # A standard-trained default-architecture model on the embedded MNIST subset: 500 train images, 6 epochs of
 # batch 50 (60 SGD steps), ~1 s per epoch on one thread; it reaches ~99 % train / ~95 % test accuracy.
@@ -59,6 +60,15 @@ def tiny_dump(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_dump")
     ckpt = make_checkpoint(root)
     return {"checkpoint": ckpt, "dump": make_dump(root, ckpt)}
+
+
+@pytest.fixture(scope="session")
+def tiny_layerwise(tmp_path_factory: pytest.TempPathFactory, tiny_dump: dict[str, Path]) -> Path:
+    """A real layerwise file written by ``run_layerwise`` from ``tiny_dump``'s checkpoint (every probe of the
+    tiny VGG, clean and PGD, 2 train samples per class pooled to 2 x 2). Shared: copy before modifying."""
+    from tiny_dump import make_layerwise
+
+    return make_layerwise(tmp_path_factory.mktemp("tiny_layerwise"), tiny_dump["checkpoint"])
 
 
 @pytest.fixture

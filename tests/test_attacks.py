@@ -16,10 +16,10 @@ import torch
 from torch.nn import functional as F
 
 from ncpipe import attacks
+from ncpipe.checkpoint import checkpoint_payload, save_atomic
 from ncpipe.data import load_dataset
 from ncpipe.extract import extract_features
 from ncpipe.models import build_model
-from ncpipe.train import checkpoint_payload, save_atomic
 
 # config/config.yaml's evaluation threat, attack.threats.linf: epsilons [64], step 16, steps 10 (1/255)
 CFG_EPS, CFG_STEP, CFG_STEPS = 64 / 255, 16 / 255, 10

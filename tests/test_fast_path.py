@@ -7,7 +7,9 @@ import copy
 
 import torch
 
-from ncpipe.train import load_checkpoint, run_training, runtime_setup
+from ncpipe.checkpoint import load_checkpoint
+from ncpipe.runtime import runtime_setup
+from ncpipe.train import run_training
 
 SPEC = {
     "data": {"name": "mnist5k", "dir": "data", "train_per_class": 8, "test_per_class": 4, "download": False},

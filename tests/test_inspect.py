@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from ncpipe import grid, io, paths
+from ncpipe.checkpoint import save_atomic
 from ncpipe.cli import main
 from ncpipe.config import load_config
-from ncpipe.train import save_atomic
+from ncpipe.inspect import EXIT_NOT_SUPPORTED
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_dump import KINDS, NUM_CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, make_checkpoint  # noqa: E402
@@ -205,8 +206,29 @@ def test_layerwise_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         ("conv2_in", 0, "clean"), ("conv2_in", 0, "pgd"), ("linear_in_prepool", 1, "clean"),
         ("linear_in_prepool", 1, "pgd")]
     assert s["groups"][0]["original_shape"] == [16, 14, 14] and s["groups"][0]["class_counts"] == [2, 2, 2]
-    code, _, err = _cli(capsys, str(path), "--verify")
-    assert code == 2 and "--verify supports feature dumps only" in err
+    code, _, err = _cli(capsys, str(path), "--verify")  # no row indices: it cannot be recomputed
+    assert code == EXIT_NOT_SUPPORTED == 3 and "has no 'indices'" in err
+
+
+def test_verify_layerwise_file(tiny_layerwise: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    # every probe's stored clean rows are recomputed from the checkpoint through the same hooks and pooling
+    code, out, _ = _cli(capsys, str(tiny_layerwise), "--verify", "--rows", "3")
+    assert code == 0 and "VERIFIED" in out
+    v = json.loads(_cli(capsys, str(tiny_layerwise), "--verify", "--json")[1])["verify"]
+    layers = io.layers(tiny_layerwise)
+    assert len(layers) == 8
+    assert [c["check"] for c in v["checks"]][1:] == [f"{n}/clean features" for n in layers]
+    assert all(c["max_rel_error"] < 1e-5 for c in v["checks"][1:])
+    bad = tmp_path / "bad.h5"
+    shutil.copy(tiny_layerwise, bad)
+    with h5py.File(bad, "r+") as f:
+        g = f[f"layers/{layers[3]}/clean"]
+        feats = g["features"][:]
+        del g["features"]
+        io.write_matrix(g, "features", feats * 1.1)
+    code, out, _ = _cli(capsys, str(bad), "--verify")
+    assert code == 1 and f"{layers[3]}/clean: features recomputed" in out and "VERIFICATION FAILED" in out
 
 
 def test_readme_recipes_run_as_written(dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from ncpipe import grid
+from ncpipe.checkpoint import CorruptCheckpointError, checkpoint_payload, load_checkpoint, save_atomic
 from ncpipe.config import validate_config
 from ncpipe.data import ImageData
 from ncpipe.io import DumpError, create_dump, open_dump, write_matrix
 from ncpipe.models import build_model
-from ncpipe.train import (
-    CorruptCheckpointError,
-    TrainingDivergedError,
-    check_finite_weights,
-    checkpoint_payload,
-    load_checkpoint,
-    run_training,
-    save_atomic,
-)
+from ncpipe.train import TrainingDivergedError, check_finite_weights, run_training
 
 
 @pytest.fixture(autouse=True)

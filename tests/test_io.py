@@ -251,3 +251,39 @@ def test_samples_frame(real: dict[str, Path]) -> None:
         np.testing.assert_array_equal(g.label.to_numpy(), lab)
         np.testing.assert_array_equal(g.prediction.to_numpy(), pred)
         assert g.correct.mean() == pytest.approx(attrs["accuracy"])
+
+
+# ------------------------------------------------------------------------------------------ layerwise files
+def test_layerwise_file_opens_like_a_feature_dump(tiny_layerwise: Path) -> None:
+    import h5py
+
+    names = io.layers(tiny_layerwise)
+    with h5py.File(tiny_layerwise) as f:
+        assert sorted(names) == sorted(f["layers"]) and len(names) == 8
+        assert [f[f"layers/{n}/clean"].attrs["layer_index"] for n in names] == list(range(8))
+    feats, labels, idx, attrs = io.load_layer(tiny_layerwise, names[2], "pgd")
+    assert feats.shape == (20, int(np.prod(attrs["stored_shape"]))) and attrs["perturbation"] == "pgd"
+    assert np.array_equal(np.bincount(labels), [2] * 10) and attrs["split"] == "train" and attrs["complete"]
+    with pytest.raises(io.DumpError, match=r"no layerwise group .*nope/pgd.*it holds"):
+        io.load_layer(tiny_layerwise, "nope", "pgd")
+    with pytest.raises(io.NotSupportedError, match="load_layer"):
+        io.load_features(tiny_layerwise, "train", "clean")
+    # never an empty frame for a file that has samples: a layerwise file is refused, naming the readers
+    with pytest.raises(io.NotSupportedError, match=r"no per-sample predictions.*to_xarray"):
+        io.samples_frame(tiny_layerwise)
+
+
+def test_layerwise_to_xarray(tiny_layerwise: Path) -> None:
+    pytest.importorskip("xarray")
+    ds = io.to_xarray(tiny_layerwise)
+    names = io.layers(tiny_layerwise)
+    assert ds.attrs["layers"] == names and list(ds.perturbation.values) == ["clean", "pgd"]
+    for n in names:
+        for kind in ("clean", "pgd"):
+            feats, labels, idx, _ = io.load_layer(tiny_layerwise, n, kind)
+            np.testing.assert_array_equal(ds[n].sel(perturbation=kind).values, feats)
+            np.testing.assert_array_equal(ds["labels"].values, labels)
+            np.testing.assert_array_equal(ds["index"].values, idx)
+    assert ds[names[0]].dims == ("perturbation", "sample", f"{names[0]}_feature")
+    with pytest.raises(io.DumpError, match="'train' split, not 'test'"):
+        io.to_xarray(tiny_layerwise, split="test")

@@ -23,8 +23,9 @@ import torch
 
 import ncpipe.train
 from ncpipe import grid
+from ncpipe.checkpoint import load_checkpoint
 from ncpipe.config import validate_config
-from ncpipe.train import load_checkpoint, run_training
+from ncpipe.train import run_training
 
 EPOCHS = 6
 CHECKPOINTS = [0, 2, EPOCHS]
@@ -51,8 +52,8 @@ def _cached_data():
     """Parse the MNIST csv once per module rather than once per training run (training never mutates it)."""
     cache: dict[str, Any] = {}
 
-    def cached(spec: dict[str, Any]) -> Any:
-        key = json.dumps(spec["data"], sort_keys=True)
+    def cached(spec: Any) -> Any:
+        key = spec.data.to_json()  # run_training passes its typed TrainSpec
         if key not in cache:
             cache[key] = original(spec)
         return cache[key]

@@ -19,10 +19,11 @@ import torch
 
 import ncpipe.train
 from ncpipe import evaluate, grid, io
+from ncpipe.checkpoint import CorruptCheckpointError, load_checkpoint, save_atomic
 from ncpipe.config import validate_config
-from ncpipe.data import to_float
+from ncpipe.data import load_data, to_float
 from ncpipe.extract import extract_features
-from ncpipe.train import CorruptCheckpointError, load_checkpoint, load_data, run_training, save_atomic
+from ncpipe.train import run_training
 
 CONFIG = validate_config({
     "datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["st", "at", "trades"], "seeds": [3],

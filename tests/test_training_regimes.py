@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ncpipe import attacks
-from ncpipe.data import to_float
-from ncpipe.train import load_checkpoint, load_data, run_training
+from ncpipe.checkpoint import load_checkpoint
+from ncpipe.data import load_data, to_float
+from ncpipe.train import run_training
 
 # 100 train images, 12 epochs of batch 25 (48 steps); the training threat is half config.yaml's l_inf budget
 # (32/255 instead of 64/255) with 3 attack steps, which this short run can learn to resist.

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ncpipe import grid, paths
+from ncpipe.checkpoint import checkpoint_payload, save_atomic
 from ncpipe.config import validate_config
+from ncpipe.data import load_data
 from ncpipe.extract import extract_features
-from ncpipe.train import checkpoint_payload, load_data, model_from_data, save_atomic
+from ncpipe.train import model_from_data
 from ncpipe.utils import seed_everything
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, NUM_CLASSES, FEATURE_DIM = 3, 2, 10, 32
@@ -53,4 +55,15 @@ def make_dump(root: Path, ckpt: Path, dtype: str = "float32") -> Path:
     if dtype != "float32":
         out = out.with_name(out.stem + f"_{dtype}.h5")
     extract_features(json.loads(grid.features_spec(config, WILDCARDS)), str(ckpt), str(out))
+    return out
+
+
+def make_layerwise(root: Path, ckpt: Path) -> Path:
+    """A layerwise file of ``ckpt`` (2 samples per class, pooled to 2 x 2) at the workflow's own path."""
+    from ncpipe.layerwise import run_layerwise
+
+    spec = json.loads(grid.layerwise_spec(tiny_config(), WILDCARDS))
+    spec["layerwise"].update(per_class=2, pool=2)
+    out = root / paths.format_path(paths.LAYERWISE_H5, **WILDCARDS)
+    run_layerwise(spec, str(ckpt), str(out.with_suffix(".csv")), str(out))
     return out

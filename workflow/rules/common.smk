@@ -7,13 +7,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ncpipe import families, grid, paths
-from ncpipe.config import ConfigError, validate_config
+from ncpipe.config import SCHEMA_PATH, ConfigError, validate_config
 
 try:
     validate_config(config)  # fills defaults; names the bad key and the allowed values
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema=str(SCHEMA_PATH))  # package data: the one schema
 
 # Clusters' shared file systems often refuse HDF5's file locks; the SLURM plugin exports the environment.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -24,28 +24,31 @@ shell.prefix(f"export PATH={Path(sys.executable).parent}:$PATH; ")
 REPO = Path(workflow.basedir).parent
 
 
+# patterns from paths.WILDCARD_PATTERNS (one home); dataset and arch narrowed to the config's own lists
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     arch="|".join(config["archs"]),
-    regime=r"(st|at_[a-z0-9]+|trades_[a-z0-9]+)[0-9.]*",
-    seed=r"\d+",
-    epoch=r"\d+",
-    norm="linf|l2",
-    eps=r"[0-9.]+",
-    family=r"[a-z0-9_]+",
-    stem=r"[A-Za-z0-9_.\-]+",
+    regime=paths.WILDCARD_PATTERNS["regime"],
+    seed=paths.WILDCARD_PATTERNS["seed"],
+    epoch=paths.WILDCARD_PATTERNS["epoch"],
+    norm=paths.WILDCARD_PATTERNS["norm"],
+    eps=paths.WILDCARD_PATTERNS["eps"],
+    family=paths.WILDCARD_PATTERNS["family"],
+    stem=paths.WILDCARD_PATTERNS["stem"],
 
 
 # The ncpipe modules each stage runs; declared as inputs so a content change reruns exactly that stage
 # (small inputs are checksum-compared, so a bare `touch` reruns nothing).
 STAGE_MODULES = {
-    "train": ["__init__", "config", "data", "models", "attacks", "train", "utils"],
-    "features": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils"],
+    "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
+              "utils"],
+    "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "session",
+                 "extract", "io", "utils"],
     "metrics": ["config", "metrics", "evaluate", "io", "utils"],
-    "layerwise": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics",
-                  "layerwise", "grid", "paths"],
-    "figures": ["config", "figures", "families", "io", "paths", "grid", "utils"],
-    "tables": ["tables", "families", "paths", "grid", "utils"],
+    "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
+                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths"],
+    "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils"],
+    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils"],
 }
 
 

@@ -1,0 +1,275 @@
+"""Typed specs: the values that cross the process boundary between the workflow and a stage.
+
+What belongs here: one frozen dataclass per rule's ``--spec`` (:class:`TrainSpec`, :class:`FeaturesSpec`,
+:class:`LayerwiseSpec`) and their parts (:class:`DataSpec`, :class:`RuntimeSpec`, :class:`Storage`,
+:class:`LayerwiseOptions`, :class:`Optim`, :class:`Adversary`, :class:`TradesSpec`), plus :class:`Threat`, the
+one place where the config's 1/255 units become pixel units.  ``grid.py`` builds them from the config,
+``cli.py`` parses them with ``from_json``; ``to_json`` writes the same JSON the rules have always passed
+(sorted keys), so Snakemake's params trigger and the training resume hash see no change.
+
+Defaults come from the schema only: a section given without some of its keys (a hand-written spec in a test
+or a notebook) gets them from ``ncpipe/schemas/config.schema.yaml`` by :func:`schema_default`; consumers
+never re-default keys with literals.  Unknown keys are refused, naming the key and the allowed ones.
+
+The module imports no torch: the Snakefile imports it (through grid.py) at parse time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .config import load_schema
+
+S = TypeVar("S", bound="Spec")
+
+
+def schema_default(*keys: str) -> Any:
+    """The schema's default of a config key: ``schema_default("runtime", "amp")`` is False."""
+    node: dict[str, Any] = load_schema()
+    for k in keys:
+        node = node["properties"][k]
+    if "default" not in node:
+        raise KeyError(f"config key {'.'.join(keys)} has no default in the schema")
+    return node["default"]
+
+
+class SpecError(ValueError):
+    """A spec has an unknown or a missing key; the message names it and the allowed keys."""
+
+
+class Spec:
+    """Base of the typed specs: dict/JSON round trip with schema defaults for missing keys.
+
+    ``SCHEMA`` names the config section whose defaults fill a missing key (``()``: no defaults, every key is
+    required); fields whose value is ``None`` and that carry ``metadata={"omit_none": True}`` are left out of
+    the JSON (method-specific sections of the training spec).
+    """
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if v is None and f.metadata.get("omit_none"):
+                continue
+            out[f.name] = v.to_dict() if isinstance(v, Spec) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[S], d: dict[str, Any] | S, where: str = "spec") -> S:
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise SpecError(f"{where}: expected a mapping, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        kw: dict[str, Any] = {}
+        for name, f in fields.items():
+            sub = _spec_class(hints[name])
+            if name in d:
+                kw[name] = _convert(hints[name], d[name], f"{where}.{name}")
+            elif sub is not None and sub.SCHEMA:  # a whole section left out: all of it from the schema
+                kw[name] = sub.from_dict({}, f"{where}.{name}")
+            elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            elif cls.SCHEMA:
+                try:
+                    kw[name] = _convert(hints[name], schema_default(*cls.SCHEMA, name), f"{where}.{name}")
+                except KeyError:
+                    raise SpecError(f"{where}: key {name!r} missing, and the schema has no default") from None
+            else:
+                raise SpecError(f"{where}: key {name!r} missing; required keys: {sorted(fields)}")
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls: type[S], s: str) -> S:
+        return cls.from_dict(json.loads(s))
+
+
+def _spec_class(hint: Any) -> type[Spec] | None:
+    """The Spec subclass a field holds (``X`` or ``X | None``), else None."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+    for h in (hint, *args):
+        if isinstance(h, type) and issubclass(h, Spec):
+            return h
+    return None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """A nested spec from its dict; a list field to a tuple (the specs are frozen); anything else as given."""
+    sub = _spec_class(hint)
+    if sub is not None and value is not None:
+        return sub.from_dict(value, where)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- parts
+@dataclass(frozen=True)
+class DataSpec(Spec):
+    SCHEMA: ClassVar[tuple[str, ...]] = ("data",)
+    name: str
+    dir: str
+    train_per_class: int | None
+    test_per_class: int | None
+    download: bool
+
+
+@dataclass(frozen=True)
+class RuntimeSpec(Spec):
+    SCHEMA: ClassVar[tuple[str, ...]] = ("runtime",)
+    device: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+    deterministic: bool
+
+
+@dataclass(frozen=True)
+class Storage(Spec):
+    """How feature matrices are stored (config ``features``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("features",)
+    dtype: str
+    compression: str
+
+
+@dataclass(frozen=True)
+class LayerwiseOptions(Spec):
+    SCHEMA: ClassVar[tuple[str, ...]] = ("layerwise",)
+    enabled: bool
+    per_class: int
+    pool: int
+
+
+@dataclass(frozen=True)
+class Optim(Spec):
+    SCHEMA: ClassVar[tuple[str, ...]] = ("train",)
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_milestones: tuple[float, ...]
+    lr_decay: float
+
+
+@dataclass(frozen=True)
+class Threat(Spec):
+    """One threat model in the config's 1/255 units; the only place they are converted to pixel units."""
+
+    norm: str
+    epsilon: float
+    step: float
+    steps: int
+    restarts: int = 1
+
+    @property
+    def epsilon_px(self) -> float:
+        return self.epsilon / 255.0
+
+    @property
+    def step_px(self) -> float:
+        return self.step / 255.0
+
+    def attack_kwargs(self) -> dict[str, Any]:
+        """Pixel-unit keyword arguments of ``attacks.perturb`` / ``attacks.pgd``."""
+        return {"norm": self.norm, "epsilon": self.epsilon_px, "step": self.step_px, "steps": self.steps,
+                "restarts": self.restarts}
+
+    def attrs(self) -> dict[str, Any]:
+        """The threat as HDF5 root attributes: pixel units plus ``epsilon_255``."""
+        return {"norm": self.norm, "epsilon": self.epsilon_px, "epsilon_255": self.epsilon,
+                "step": self.step_px, "steps": self.steps, "restarts": self.restarts}
+
+
+@dataclass(frozen=True)
+class Adversary(Spec):
+    """The training threat (config ``train.adversary``): a :class:`Threat` without restarts."""
+
+    norm: str
+    epsilon: float
+    step: float
+    steps: int
+
+    def threat(self) -> Threat:
+        return Threat(self.norm, self.epsilon, self.step, self.steps)
+
+
+@dataclass(frozen=True)
+class TradesSpec(Spec):
+    beta: float
+    bn_quirk: bool
+
+
+# ----------------------------------------------------------------------------------------- rule specs
+_OPT = {"omit_none": True}
+
+
+@dataclass(frozen=True)
+class TrainSpec(Spec):
+    """``ncpipe train --spec``: one training run (built by ``grid.train_spec``)."""
+
+    data: DataSpec
+    arch: str
+    width: float
+    method: str
+    seed: int
+    optim: Optim
+    checkpoints: tuple[int, ...]
+    runtime: RuntimeSpec
+    adversary: Adversary | None = field(default=None, metadata=_OPT)
+    record_adversarial: bool | None = field(default=None, metadata=_OPT)
+    at_attack_mode: str | None = field(default=None, metadata=_OPT)
+    trades: TradesSpec | None = field(default=None, metadata=_OPT)
+
+    def __post_init__(self) -> None:
+        # the method-specific keys a hand-written spec leaves out get the schema's defaults, only where the
+        # method uses them (an ST spec stays free of them, as the grid writes it)
+        if self.method != "st" and self.record_adversarial is None:
+            object.__setattr__(self, "record_adversarial", schema_default("train", "record_adversarial"))
+        if self.method == "at" and self.at_attack_mode is None:
+            object.__setattr__(self, "at_attack_mode", schema_default("train", "at_attack_mode"))
+        if self.method != "st" and self.adversary is None:
+            raise SpecError(f"training spec: method {self.method!r} needs an 'adversary'")
+        if self.method == "trades" and self.trades is None:
+            raise SpecError("training spec: method 'trades' needs 'trades' (beta, bn_quirk)")
+
+
+@dataclass(frozen=True)
+class FeaturesSpec(Spec):
+    """``ncpipe features --spec``: one checkpoint x one evaluation threat (``grid.features_spec``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("attack",)
+    data: DataSpec
+    threat: Threat
+    kinds: tuple[str, ...]
+    splits: tuple[str, ...]
+    target_rule: str
+    batch_size: int
+    storage: Storage
+    runtime: RuntimeSpec
+
+
+@dataclass(frozen=True)
+class LayerwiseSpec(FeaturesSpec):
+    """``ncpipe layerwise --spec``: the features spec plus the layerwise options (``grid.layerwise_spec``)."""
+
+    layerwise: LayerwiseOptions = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.layerwise is None:
+            object.__setattr__(self, "layerwise", LayerwiseOptions.from_dict({}, "layerwise"))
