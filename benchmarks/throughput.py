@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ncpipe import attacks
 from ncpipe.data import to_float
 from ncpipe.models import build_model
+from ncpipe.specs import TrainSpec
 from ncpipe.train import train_step
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
@@ -59,13 +60,15 @@ def _peak(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def _spec(method: str, steps: int) -> dict:
-    spec = {"method": method}
+def _spec(method: str, steps: int) -> TrainSpec:
+    # only the method and its adversary matter to train_step; the rest takes the schema's defaults
+    spec: dict = {"data": {"name": "cifar10"}, "arch": "vgg11bn", "width": 1.0, "method": method, "seed": 0,
+                  "optim": {}, "checkpoints": [], "runtime": {}}
     if method == "at":
         spec.update(
             adversary={"norm": "linf", "epsilon": 8, "step": 2, "steps": steps}, at_attack_mode="train"
         )
-    return spec
+    return TrainSpec.from_dict(spec)
 
 
 def _stage_fns(

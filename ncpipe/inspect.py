@@ -324,7 +324,7 @@ def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     except SpecError as err:
         problems.append(f"{err}; cannot reload the images")
         return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
-    pool = int(root.get("pool", 0))
+    pool = fspec.layerwise.pool if isinstance(fspec, LayerwiseSpec) else 0
     model, _ = load_checkpoint(ckpt_path, "cpu")
     data = load_data(fspec)
     amp = fspec.runtime.amp

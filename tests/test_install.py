@@ -10,6 +10,7 @@ package (the config schema once lived in workflow/) fails here.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,13 @@ MODULES = sorted(p.stem for p in (REPO / "ncpipe").glob("*.py") if p.stem != "__
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the wheel is made of, so setuptools' build/ never lands in the clone
+    src = root / "src"
+    shutil.copytree(REPO / "ncpipe", src / "ncpipe", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(src)],
                    check=True, cwd=root, capture_output=True)
     (wheel,) = (root / "dist").glob("ncpipe-*.whl")
     target = root / "site"
