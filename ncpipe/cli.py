@@ -50,7 +50,7 @@ def cmd_features(a: argparse.Namespace) -> None:
 def cmd_metrics(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_dump
 
-    _write_csv(evaluate_dump(a.dump, regime=a.regime), a.out)
+    _write_csv(evaluate_dump(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metrics", help="Neural-Collapse metrics of one dump as a tidy CSV")
     m.add_argument("--dump", required=True)
     m.add_argument("--regime", default=None)
+    m.add_argument("--pinv-cutoff", choices=["float32", "float64"], default="float32",
+                   help="NC1 pseudo-inverse cutoff (config metrics.pinv_cutoff; float32: the authors')")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_metrics)
 

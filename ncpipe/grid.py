@@ -158,6 +158,7 @@ def layerwise_spec(config: dict[str, Any], wildcards: Any) -> str:
     spec["kinds"] = ["clean", "pgd"]
     spec["splits"] = ["train"]
     spec["layerwise"] = dict(config["layerwise"])
+    spec["metrics"] = dict(config["metrics"])
     return _dump(spec)
 
 

@@ -113,6 +113,7 @@ def analyse_layers(
     pool: int = 0,
     device: torch.device | str = "cpu",
     amp: torch.dtype | None = None,
+    pinv_cutoff: str = "float32",
 ) -> dict[str, Any]:
     """Stream ``xs`` (uint8 or float in [0, 1]) and ``attack(x, y)`` of it through ``net``; stats per probe.
 
@@ -124,7 +125,7 @@ def analyse_layers(
     device = torch.device(device)
     names = [n for n, _ in probes]
     kinds = KINDS if attack is not None else KINDS[:1]
-    stats = {(k, n): ClassStats(num_classes) for k in kinds for n in names}
+    stats = {(k, n): ClassStats(num_classes, pinv_cutoff) for k in kinds for n in names}
     keep = torch.from_numpy(first_per_class(ys.cpu().numpy(), per_class)) if per_class > 0 else None
     sub: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in stats}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -235,7 +236,8 @@ def run_layerwise(spec: dict[str, Any], checkpoint: str, out_csv: str, out_h5: s
             "ncpipe_version": __version__, "torch_version": torch.__version__}
     xs, ys = data.split(split)
     res = analyse_layers(net, probes, xs, ys, num_classes=num_classes, batch_size=int(spec["batch_size"]),
-                         attack=attack, per_class=per_class, pool=pool, device=device, amp=amp)
+                         attack=attack, per_class=per_class, pool=pool, device=device, amp=amp,
+                         pinv_cutoff=spec.get("metrics", {}).get("pinv_cutoff", "float32"))
     log.info("%s: network accuracy clean %.4f, pgd %.4f", split, res["accuracy"]["clean"],
              res["accuracy"]["pgd"])
     rows: list[dict[str, Any]] = []
