@@ -130,10 +130,10 @@ def _attack_passes(config: dict[str, Any], norm: str, kind: str) -> tuple[int, i
     """(forward, backward) passes per image of one perturbation kind in a features job."""
     if kind == "train_adv":
         return 0, 0  # recorded by training; the features job copies them
-    if kind in ("pgd", "targeted"):
+    if kind in ("pgd", "targeted"):  # each step, the restarts' selection (if several), the features
         t, r = config["attack"]["threats"][norm], int(config["attack"]["restarts"])
-        return r * int(t["steps"]) + r, r * int(t["steps"])
-    return 1, 0
+        return r * int(t["steps"]) + (r if r > 1 else 0) + 1, r * int(t["steps"])
+    return 1, 0  # clean, noise: the features pass
 
 
 def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -157,8 +157,8 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
     if config["layerwise"]["enabled"]:
         for cell in grid.cells(config, final_only=True):
             n = split_sizes(config, cell.run.dataset)["train"]
-            steps = int(config["attack"]["threats"][cell.norm]["steps"])
-            out["layerwise"]["forward"] += (2 + steps + 2) * n  # two passes each over clean and PGD data
+            steps = int(config["attack"]["threats"][cell.norm]["steps"]) * int(config["attack"]["restarts"])
+            out["layerwise"]["forward"] += (2 + steps + 2) * n  # attack; 2 passes each, clean and PGD
             out["layerwise"]["backward"] += steps * n
     return out
 

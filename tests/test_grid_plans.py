@@ -134,3 +134,18 @@ def test_storage_follows_the_config():
     assert half["feature dumps"].bytes < 0.6 * base["feature dumps"].bytes
     # 20 epochs x 500 images x (ST 1, AT 4 PGD steps + the update, TRADES 4 steps + the two-branch loss)
     assert plan.passes(c)["train"]["backward"] == 20 * 500 * (1 + (4 + 1) + (4 + 2))
+
+
+def test_plan_of_a_bad_config_names_the_key(tmp_path, capsys):
+    from ncpipe.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "config" / "config.yaml").read_text().replace("methods: [st, at, trades]",
+                                                                          "methods: [st, sgd]"))
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--configfile", str(bad)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'methods[1]'" in err and "'sgd'" in err and "['st', 'at', 'trades']" in err
+    main(["plan", "--configfile", str(ROOT / "config" / "config.yaml")])
+    assert "total                               60" in capsys.readouterr().out
