@@ -48,7 +48,8 @@ class _DryRunPlan(logging.Filter):
         return True
 
 
-if workflow.output_settings.dryrun and not workflow.output_settings.verbose:
+_out = workflow.output_settings  # None where Snakemake parses the workflow without output settings
+if getattr(_out, "dryrun", False) and not getattr(_out, "verbose", False):
     logging.getLogger("snakemake.logging").addFilter(_DryRunPlan())
 
 
