@@ -52,7 +52,7 @@ def cmd_features(a: argparse.Namespace) -> None:
 def cmd_metrics(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_dump
 
-    _write_csv(evaluate_dump(a.dump, regime=a.regime), a.out)
+    _write_csv(evaluate_dump(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
@@ -122,6 +122,19 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         raise SystemExit(status)
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    from .config import ConfigError, load_config
+    from .plan import format_plan, plan, to_json
+
+    try:
+        config = load_config(a.configfile)
+    except (ConfigError, OSError) as err:
+        print(f"ncpipe plan: {a.configfile}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    p = plan(config)
+    print(to_json({"configfile": a.configfile, **p}) if a.json else format_plan(p, a.configfile), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncpipe", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (Snakemake's threads:)")
@@ -144,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metrics", help="Neural-Collapse metrics of one dump as a tidy CSV")
     m.add_argument("--dump", required=True)
     m.add_argument("--regime", default=None)
+    m.add_argument("--pinv-cutoff", choices=["float32", "float64"], default="float32",
+                   help="NC1 pseudo-inverse cutoff (config metrics.pinv_cutoff; float32: the authors')")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_metrics)
 
@@ -192,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--rows", type=int, default=8, help="rows per split that --verify recomputes")
     ins.add_argument("--data-dir", default=None, help="override the recorded data directory for --verify")
     ins.set_defaults(fn=cmd_inspect)
+
+    pl = sub.add_parser("plan", help="jobs per rule, image passes and storage of a config's grid (no run)")
+    pl.add_argument("--configfile", default="config/config.yaml",
+                    help="the config, as given to snakemake --configfile (default: the demo config)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -29,9 +29,11 @@ def _rows(ident: dict[str, Any], split: str, kind: str, grouping: str, values: d
     ]
 
 
-def _nc(features: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndarray, c: int) -> dict[str, float]:
+def _nc(features: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndarray, c: int,
+        pinv_cutoff: str) -> dict[str, float]:
     try:
-        return metrics.neural_collapse(features, labels, weight=w, bias=b, num_classes=c)
+        return metrics.neural_collapse(features, labels, weight=w, bias=b, num_classes=c,
+                                       pinv_cutoff=pinv_cutoff)
     except ValueError as err:  # e.g. a grouping by predictions in which fewer than two classes occur
         log.warning("neural collapse not defined here: %s", err)
         return {}
@@ -46,8 +48,9 @@ def _means(features: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
     return metrics.class_means(features, labels, c)[0]
 
 
-def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.DataFrame:
-    """All measures of one dump as a tidy table (columns ``COLUMNS``)."""
+def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
+                  pinv_cutoff: str = "float32") -> pd.DataFrame:
+    """All measures of one dump as a tidy table (columns ``COLUMNS``); ``pinv_cutoff``: see metrics."""
     with open_dump(path) as f:
         root = attrs_dict(f)
         c = int(root["num_classes"])
@@ -65,11 +68,11 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None) -> pd.Data
         train_clean_means = _means(d["features"], d["labels"], c)
     for (split, kind), d in data.items():
         h, y, pred = d["features"], d["labels"], d["predictions"]
-        rows += _rows(ident, split, kind, "true", _nc(h, y, w, b, c))
+        rows += _rows(ident, split, kind, "true", _nc(h, y, w, b, c, pinv_cutoff))
         if kind == "targeted":
-            rows += _rows(ident, split, kind, "target", _nc(h, d["targets"], w, b, c))
+            rows += _rows(ident, split, kind, "target", _nc(h, d["targets"], w, b, c, pinv_cutoff))
         if kind != "clean":
-            rows += _rows(ident, split, kind, "predicted", _nc(h, pred, w, b, c))
+            rows += _rows(ident, split, kind, "predicted", _nc(h, pred, w, b, c, pinv_cutoff))
         clean = data.get((split, "clean"))
         if kind != "clean" and clean is not None:
             clean_means = _means(clean["features"], clean["labels"], c)

@@ -20,6 +20,7 @@ from .specs import (
     FeaturesSpec,
     LayerwiseOptions,
     LayerwiseSpec,
+    MetricsOptions,
     Optim,
     RuntimeSpec,
     Storage,
@@ -171,7 +172,8 @@ def layerwise_spec_of(config: dict[str, Any], wildcards: Any) -> LayerwiseSpec:
     f = features_spec_of(config, wildcards)
     parts = {x.name: getattr(f, x.name) for x in dataclasses.fields(f)}
     return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",)},
-                         layerwise=LayerwiseOptions.from_dict(config["layerwise"], "layerwise"))
+                         layerwise=LayerwiseOptions.from_dict(config["layerwise"], "layerwise"),
+                         metrics=MetricsOptions.from_dict(config["metrics"], "metrics"))
 
 
 def layerwise_spec(config: dict[str, Any], wildcards: Any) -> str:

@@ -112,6 +112,7 @@ def analyse_layers(
     pool: int = 0,
     device: torch.device | str = "cpu",
     amp: torch.dtype | None = None,
+    pinv_cutoff: str = "float32",
 ) -> dict[str, Any]:
     """Stream ``xs`` (uint8 or float in [0, 1]) and ``attack(x, y)`` of it through ``net``; stats per probe.
 
@@ -123,7 +124,7 @@ def analyse_layers(
     device = torch.device(device)
     names = [n for n, _ in probes]
     kinds = KINDS if attack is not None else KINDS[:1]
-    stats = {(k, n): ClassStats(num_classes) for k in kinds for n in names}
+    stats = {(k, n): ClassStats(num_classes, pinv_cutoff) for k in kinds for n in names}
     keep = torch.from_numpy(first_per_class(ys.cpu().numpy(), per_class)) if per_class > 0 else None
     sub: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in stats}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -222,7 +223,8 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
             "probes": [n for n, _ in probes]}
     xs, ys = ev.data.split(split)
     res = analyse_layers(ev.net, probes, xs, ys, num_classes=ev.num_classes, batch_size=spec.batch_size,
-                         attack=attack, per_class=lw.per_class, pool=lw.pool, device=ev.device, amp=ev.amp)
+                         attack=attack, per_class=lw.per_class, pool=lw.pool, device=ev.device, amp=ev.amp,
+                         pinv_cutoff=spec.metrics.pinv_cutoff)
     log.info("%s: network accuracy clean %.4f, pgd %.4f", split, res["accuracy"]["clean"],
              res["accuracy"]["pgd"])
     rows: list[dict[str, Any]] = []

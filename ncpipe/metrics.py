@@ -22,8 +22,13 @@ written in the orthonormal basis V = Mt^T U S^-1 rather than with ``(Mt^T Mt)^{+
 better conditioned, because the singular values of Mt are accurate to eps * s_max whereas the eigenvalues of
 the Gram matrix are only accurate to eps * s_max^2, which can push a structural zero above the cutoff.
 
-Pseudo-inverse cutoff: the one of ``scipy.linalg.pinv(Sigma_B)`` with default arguments, i.e. an eigenvalue
-``s_k^2 / C`` of Sigma_B is kept iff ``s_k^2 > max(D, D) * eps_float64 * s_max^2`` (D = feature dimension).
+Pseudo-inverse cutoff (``pinv_cutoff``): by default the authors' (paper.md 2.2). They call
+``scipy.linalg.pinv`` with default arguments on a *float32* Sigma_B, whose cutoff is relative to float32's
+machine epsilon: an eigenvalue ``s_k^2 / C`` of Sigma_B is kept iff ``s_k^2 > D * eps_float32 * s_max^2``
+(D = feature dimension; 6.1e-5 * s_max^2 at D = 512). The comparison is made in float64 here.
+``pinv_cutoff="float64"`` uses ``eps_float64`` instead (scipy's default on a float64 matrix), which keeps weak
+between-class directions down to ~1e-13 of the strongest; the two differ only on a badly conditioned Sigma_B
+(early epochs, wide layerwise probes), where NC1 can change by a factor of two (docs/deviations.md).
 
 Because the projections need the centred means, a streaming computation needs two passes over the data
 (``ClassStats``: ``update`` for pass 1, ``update_within`` for pass 2); the in-memory ``neural_collapse`` runs
@@ -163,16 +168,25 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-def pinv_keep(singular_values: np.ndarray | torch.Tensor, dim: int) -> np.ndarray | torch.Tensor:
-    """Mask of the singular values ``s`` of Mt whose eigenvalue ``s^2/C`` of Sigma_B (D x D) scipy keeps.
+# The machine epsilon of each ``pinv_cutoff``: "float32" is the authors' (their Sigma_B is float32).
+PINV_CUTOFFS: dict[str, float] = {"float32": float(np.finfo(np.float32).eps),
+                                  "float64": float(np.finfo(np.float64).eps)}
+
+
+def pinv_keep(singular_values: np.ndarray | torch.Tensor, dim: int,
+              cutoff: str = "float32") -> np.ndarray | torch.Tensor:
+    """Mask of the singular values ``s`` of Mt whose eigenvalue ``s^2/C`` of Sigma_B (D x D) pinv keeps.
 
     ``scipy.linalg.pinv`` discards singular values ``<= atol + rtol * max`` with ``atol = 0`` and
-    ``rtol = max(shape) * eps``; Sigma_B is ``dim x dim``, and its singular values are ``s^2 / C``.
+    ``rtol = max(shape) * eps``, ``eps`` that of the matrix's dtype (``cutoff``: float32 as the authors'
+    Sigma_B, or float64); Sigma_B is ``dim x dim``, and its singular values are ``s^2 / C``.
     """
+    if cutoff not in PINV_CUTOFFS:
+        raise ValueError(f"pinv cutoff {cutoff!r} is not allowed; allowed values: {list(PINV_CUTOFFS)}")
     s2 = singular_values**2
     if s2.shape[0] == 0:
         return s2 > 0
-    return s2 > dim * np.finfo(np.float64).eps * s2.max()
+    return s2 > dim * PINV_CUTOFFS[cutoff] * s2.max()
 
 
 def _coherence(vectors: np.ndarray) -> float:
@@ -284,13 +298,16 @@ class ClassStats:
     ``z_i = h_i - mu_{y_i}`` onto the right singular vectors of the centred means, and the NCC accuracy with
     the set's own means. ``freeze()`` (called implicitly by the first ``update_within``) ends pass 1.
     Then ``nc1()`` and ``ncc_accuracy``. Passes are checked: pass 2 must see the same per-class counts.
-    Tensors stay on the device of the first chunk (accumulated in float64).
+    Tensors stay on the device of the first chunk (accumulated in float64). ``pinv_cutoff``: see the module
+    docstring ("float32", the authors', or "float64").
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, pinv_cutoff: str = "float32") -> None:
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1")
+        pinv_keep(np.ones(1), 1, pinv_cutoff)  # a bad name fails here, not after pass 1
         self.num_classes = int(num_classes)
+        self.pinv_cutoff = pinv_cutoff
         self.device: torch.device | None = None
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
@@ -377,7 +394,7 @@ class ClassStats:
         s = torch.from_numpy(s).to(self.device)
         self._means_t, self._present = means, present
         self._classes = torch.nonzero(present).reshape(-1)
-        self._basis, self._sv, self._keep = basis, s, pinv_keep(s, centred.shape[1])
+        self._basis, self._sv, self._keep = basis, s, pinv_keep(s, centred.shape[1], self.pinv_cutoff)
         # absent classes have NaN rows here; pass 2 only indexes them if the data differ (_check_pass2 raises)
         self._means_basis = means @ basis
         # NCC from the projections: ||h - mu_c||^2 = ||h - mu_G||^2 - 2 <h - mu_G, mt_c> + ||mt_c||^2, and
@@ -480,9 +497,9 @@ class ClassStats:
 
     @classmethod
     def from_batches(cls, batches: Callable[[], Iterable[tuple[ArrayLike, ArrayLike]]],
-                     num_classes: int) -> ClassStats:
+                     num_classes: int, pinv_cutoff: str = "float32") -> ClassStats:
         """Both passes over ``batches()`` (called twice; it must yield the same samples each time)."""
-        stats = cls(num_classes)
+        stats = cls(num_classes, pinv_cutoff)
         for x, y in batches():
             stats.update(x, y)
         stats.freeze()
@@ -493,8 +510,9 @@ class ClassStats:
 
 # -------------------------------------------------------------------------------------------- neural collapse
 def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | None = None,
-                    bias: ArrayLike | None = None, num_classes: int | None = None) -> dict[str, float]:
-    """NC1-NC4 of one feature set (paper.md 2.2-2.5), float64.
+                    bias: ArrayLike | None = None, num_classes: int | None = None,
+                    pinv_cutoff: str = "float32") -> dict[str, float]:
+    """NC1-NC4 of one feature set (paper.md 2.2-2.5), float64; ``pinv_cutoff`` as in the module docstring.
 
     Returns ``nc1``, ``nc1_over_c``, ``nc2_equinorm_means``, ``nc2_equiangular_means``, ``ncc_accuracy``
     and, when ``weight`` (C, D) is given, ``nc2_equinorm_weights``, ``nc2_equiangular_weights``, ``nc3``,
@@ -520,7 +538,7 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
         if b.shape[0] != c:
             raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
     lab = _labels(labels, n, c, dev)  # checked once, not per block
-    stats = ClassStats(c)
+    stats = ClassStats(c, pinv_cutoff)
     # each block is cast to float64 where it stays in cache: no float64 copy of the whole input
     for xs, ys in _row_chunks(feats, lab, _block_rows(d)):
         stats._update64(_features64(xs), ys)

@@ -156,6 +156,14 @@ class LayerwiseOptions(Spec):
 
 
 @dataclass(frozen=True)
+class MetricsOptions(Spec):
+    """How the NC metrics are computed (config ``metrics``): the NC1 pseudo-inverse cutoff."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("metrics",)
+    pinv_cutoff: str
+
+
+@dataclass(frozen=True)
 class Optim(Spec):
     SCHEMA: ClassVar[tuple[str, ...]] = ("train",)
     epochs: int
@@ -269,7 +277,10 @@ class LayerwiseSpec(FeaturesSpec):
     """``ncpipe layerwise --spec``: the features spec plus the layerwise options (``grid.layerwise_spec``)."""
 
     layerwise: LayerwiseOptions = field(default=None)  # type: ignore[assignment]
+    metrics: MetricsOptions = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.layerwise is None:
             object.__setattr__(self, "layerwise", LayerwiseOptions.from_dict({}, "layerwise"))
+        if self.metrics is None:
+            object.__setattr__(self, "metrics", MetricsOptions.from_dict({}, "metrics"))

@@ -1,11 +1,12 @@
 """A deliberately plain reference for ``ncpipe.metrics``: the definitions of paper.md section 2, written out.
 
-Explicit D x D covariance matrices, ``scipy.linalg.pinv`` with its default cutoff, and Python loops: Sigma_W
-sums one outer product ``z_i z_i^T`` per sample, literally as the definition (and the authors' code, which
-forms the per-sample outer products of each batch) writes it; the NCC and network predictions are taken one
-sample at a time, as in the authors' code; NC2 loops over class pairs. It is the yardstick the fast code is
-tested against (tests/test_metrics.py) and timed against (benchmarks/metrics_speed.py). Same conventions as
-the fast code: absent classes are left out.
+Explicit D x D covariance matrices, ``scipy.linalg.pinv`` with the authors' cutoff (that of their float32
+Sigma_B, ``D * eps_float32 * lambda_max``; ``pinv_cutoff="float64"``: scipy's float64 default), and Python
+loops: Sigma_W sums one outer product ``z_i z_i^T`` per sample, literally as the definition (and the authors'
+code, which forms the per-sample outer products of each batch) writes it; the NCC and network predictions are
+taken one sample at a time, as in the authors' code; NC2 loops over class pairs. It is the yardstick the fast
+code is tested against (tests/test_metrics.py) and timed against (benchmarks/metrics_speed.py). Same
+conventions as the fast code: absent classes are left out.
 
 ``scatter="classes"`` builds Sigma_W instead with one BLAS product ``Z_c^T Z_c`` per class: the same matrix,
 the fastest way to form it explicitly; the benchmark shows that baseline too.
@@ -20,7 +21,8 @@ import scipy.linalg
 
 
 def reference_neural_collapse(features: Any, labels: Any, weight: Any = None, bias: Any = None,
-                              num_classes: int | None = None, scatter: str = "samples") -> dict[str, float]:
+                              num_classes: int | None = None, scatter: str = "samples",
+                              pinv_cutoff: str = "float32") -> dict[str, float]:
     h = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     n, d = h.shape
@@ -46,7 +48,8 @@ def reference_neural_collapse(features: Any, labels: Any, weight: Any = None, bi
     sw /= n
     mt = np.stack([means[c] - mu_g for c in classes])  # C x D
     sb = mt.T @ mt / c_num
-    nc1 = float(np.trace(sw @ scipy.linalg.pinv(sb)))
+    eps = np.finfo(np.float32 if pinv_cutoff == "float32" else np.float64).eps
+    nc1 = float(np.trace(sw @ scipy.linalg.pinv(sb, atol=0.0, rtol=d * eps)))
 
     def equinorm(vs: np.ndarray) -> float:
         norms = [np.linalg.norm(v) for v in vs]

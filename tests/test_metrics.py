@@ -216,16 +216,58 @@ def test_low_rank_nc1_matches_explicit_pinv_and_runs_at_65536() -> None:
     assert fast["nc1"] == pytest.approx(gram_reference(h.astype(np.float64)), rel=1e-8)
 
 
-def test_pinv_cutoff_matches_scipy_default() -> None:
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pinv_cutoff_matches_scipy_on_a_matrix_of_that_dtype(dtype) -> None:
     d = 50
-    # singular values of Mt whose squares straddle scipy's cutoff d * eps * s_max^2
-    eps = np.finfo(np.float64).eps
+    # singular values of Mt whose squares straddle scipy's cutoff d * eps * s_max^2 for this dtype
+    eps = np.finfo(dtype).eps
     s = np.array([1.0, math.sqrt(2 * d * eps), math.sqrt(0.5 * d * eps)])
-    keep = metrics.pinv_keep(s, d)
+    keep = metrics.pinv_keep(s, d, np.dtype(dtype).name)
     assert keep.tolist() == [True, True, False]
-    sigma_b = np.diag(np.concatenate([s**2, np.zeros(d - 3)])) / 3
+    sigma_b = (np.diag(np.concatenate([s**2, np.zeros(d - 3)])) / 3).astype(dtype)
     sv = np.linalg.svd(scipy.linalg.pinv(sigma_b), compute_uv=False)
     assert int((sv > 0).sum()) == int(keep.sum())
+    if dtype is np.float64:  # the authors' float32 cutoff drops the second one too
+        assert metrics.pinv_keep(s, d).tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="allowed values"):
+        metrics.pinv_keep(s, d, "float16")
+
+
+def _badly_conditioned(ratio: float, d: int = 512, c: int = 10, per_class: int = 30, seed: int = 5):
+    """Features whose Sigma_B has one eigenvalue ``ratio`` times the largest (class means exact)."""
+    rng = np.random.default_rng(seed)
+    y = balanced_labels(c, per_class)
+    # c - 1 orthonormal directions in R^d, and a C x (C-1) simplex code (columns orthonormal, sum to zero)
+    v = np.linalg.qr(rng.normal(size=(d, c - 1)))[0]
+    a = np.linalg.qr(np.hstack([np.ones((c, 1)), rng.normal(size=(c, c - 1))]))[0][:, 1:]
+    scales = np.ones(c - 1)
+    scales[-1] = math.sqrt(ratio)
+    means = 3.0 * (a * scales) @ v.T
+    noise = rng.normal(size=(len(y), d)) * 0.3
+    noise -= np.stack([noise[y == k].mean(0) for k in range(c)])[y]  # exact class means
+    return means[y] + noise, y
+
+
+def test_nc1_default_cutoff_is_the_authors_float32_pinv() -> None:
+    """paper.md 2.2: the authors call scipy.linalg.pinv on a float32 Sigma_B. Where Sigma_B's eigenvalue
+    ratio (5e-5) lies between the float32 cutoff (D eps32 = 6.1e-5 at D = 512) and the float64 one, the two
+    differ."""
+    h, y = _badly_conditioned(5e-5)
+    default = metrics.neural_collapse(h, y)["nc1"]
+    wide = metrics.neural_collapse(h, y, pinv_cutoff="float64")["nc1"]
+    assert default == pytest.approx(reference_neural_collapse(h, y, scatter="classes")["nc1"], rel=1e-8)
+    assert wide == pytest.approx(
+        reference_neural_collapse(h, y, scatter="classes", pinv_cutoff="float64")["nc1"], rel=1e-8)
+    assert wide > 1.5 * default  # the weak direction's within-class spread counts only with float64
+    # the authors' computation itself, float32: the same directions kept, the same value to float32 accuracy
+    mu = np.stack([h[y == k].mean(0) for k in range(10)])
+    mt, z = mu - h.mean(0), h - mu[y]
+    authors = np.trace((z.T @ z / len(h)) @ scipy.linalg.pinv((mt.T @ mt / 10).astype(np.float32)))
+    assert default == pytest.approx(authors, rel=1e-3)
+    stats = metrics.ClassStats.from_batches(lambda: [(h, y)], 10, pinv_cutoff="float64")
+    assert stats.nc1()["nc1"] == pytest.approx(wide, rel=1e-10)
+    with pytest.raises(ValueError, match="allowed values"):
+        metrics.ClassStats(10, pinv_cutoff="double")
 
 
 # ----------------------------------------------------------------------------------------------- streaming

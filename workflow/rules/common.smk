@@ -1,10 +1,12 @@
 # The grid, the paths and the per-rule config slices all come from the ncpipe package (one source of truth).
+import logging
 import os
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+from snakemake_interface_logger_plugins.common import LogEvent
 
 from ncpipe import families, grid, paths
 from ncpipe.config import SCHEMA_PATH, ConfigError, validate_config
@@ -22,6 +24,33 @@ os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 shell.prefix(f"export PATH={Path(sys.executable).parent}:$PATH; ")
 
 REPO = Path(workflow.basedir).parent
+
+# A dry run reports the plan.  Shell commands (the profiles' `printshellcmds`, meant for real runs) are never
+# printed by `-n`; the ~10-line block of every job is printed only for plans of up to DRY_RUN_LISTED jobs (a
+# paper grid would print 50,000 lines), else the job table alone.  `snakemake -n --verbose` lists everything.
+DRY_RUN_LISTED = 500
+
+
+class _DryRunPlan(logging.Filter):
+    _large = None
+
+    def filter(self, record):
+        event = getattr(record, "event", None)
+        if event == LogEvent.SHELLCMD:
+            return False
+        if event in (LogEvent.JOB_INFO, LogEvent.GROUP_INFO):
+            if self._large is None:
+                try:  # an internal API: if it moves, list every job as Snakemake does
+                    self._large = sum(1 for _ in workflow.dag.needrun_jobs()) > DRY_RUN_LISTED
+                except Exception:
+                    self._large = False
+            return not self._large
+        return True
+
+
+_out = workflow.output_settings  # None where Snakemake parses the workflow without output settings
+if getattr(_out, "dryrun", False) and not getattr(_out, "verbose", False):
+    logging.getLogger("snakemake.logging").addFilter(_DryRunPlan())
 
 
 # patterns from paths.WILDCARD_PATTERNS (one home); dataset and arch narrowed to the config's own lists

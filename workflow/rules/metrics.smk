@@ -4,6 +4,8 @@ rule metrics:
         code=code("metrics"),
     output:
         table=paths.METRICS,
+    params:
+        pinv_cutoff=config["metrics"]["pinv_cutoff"],
     log:
         paths.log("metrics", paths.METRICS),
     benchmark:
@@ -15,7 +17,7 @@ rule metrics:
         "../envs/ncpipe.yaml"
     shell:
         "ncpipe --threads {threads} metrics --dump {input.dump:q} --regime {wildcards.regime}"
-        " --out {output.table:q} > {log:q} 2>&1"
+        " --pinv-cutoff {params.pinv_cutoff} --out {output.table:q} > {log:q} 2>&1"
 
 
 rule aggregate:
