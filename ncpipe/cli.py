@@ -97,6 +97,17 @@ def cmd_train_logs(a: argparse.Namespace) -> None:
     log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
 
 
+def cmd_summary(a: argparse.Namespace) -> None:
+    from .summary import SummaryError, summarize
+
+    try:
+        text = summarize(a.results_dir)
+    except SummaryError as err:
+        print(f"ncpipe summary: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.write(text)
+
+
 def cmd_inspect(a: argparse.Namespace) -> None:
     from .inspect import run
     from .io import DumpError
@@ -176,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--out", required=True)
     tl.add_argument("logs", nargs="*", help="per-run train_log.csv paths, as the workflow names them")
     tl.set_defaults(fn=cmd_train_logs)
+    sm = sub.add_parser("summary", help="the README's default-run tables, as Markdown, from a finished run")
+    sm.add_argument("results_dir", help="a results directory (metrics.csv, train_logs.csv, layerwise.csv)")
+    sm.set_defaults(fn=cmd_summary)
     ins = sub.add_parser("inspect", help="summarise a feature dump or layerwise file; --verify provenance")
     ins.add_argument("file", help="an HDF5 file written by `ncpipe features` or the layerwise stage")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
