@@ -68,9 +68,9 @@ def cmd_layerwise(a: argparse.Namespace) -> None:
 
 
 def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
-    from .layerwise import aggregate
+    from .tables import aggregate_layerwise
 
-    df = aggregate(a.tables)
+    df = aggregate_layerwise(a.tables)
     _write_csv(df, a.out)
     log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
 
