@@ -102,6 +102,15 @@ def cmd_summary(a: argparse.Namespace) -> None:
 
     try:
         text = summarize(a.results_dir)
+        if a.readme:
+            from .summary import replace_block
+            from .utils import atomic_output
+
+            updated = replace_block(Path(a.readme).read_text(), text)
+            with atomic_output(a.readme) as tmp:
+                tmp.write_text(updated)
+            log.info("replaced the summary block of %s", a.readme)
+            return
     except SummaryError as err:
         print(f"ncpipe summary: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -189,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.set_defaults(fn=cmd_train_logs)
     sm = sub.add_parser("summary", help="the README's default-run tables, as Markdown, from a finished run")
     sm.add_argument("results_dir", help="a results directory (metrics.csv, train_logs.csv, layerwise.csv)")
+    sm.add_argument("--readme", default=None,
+                    help="replace the block between the summary markers of this file instead of printing")
     sm.set_defaults(fn=cmd_summary)
     ins = sub.add_parser("inspect", help="summarise a feature dump or layerwise file; --verify provenance")
     ins.add_argument("file", help="an HDF5 file written by `ncpipe features` or the layerwise stage")

@@ -8,6 +8,7 @@ Output is deterministic: rows and columns follow fixed orders, never the order o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ KIND_LABELS = {
     "train_adv": "adversarial examples trained on (`train_adv`)",
 }
 LEAP_METRICS = ("leap_share_own", "leap_share_target", "leap_share_other")
+LEAP_HEADER = "nearest clean mean:"
 # Fixed section titles: tests compare the README's block with them, so rename them in one place only.
 TITLES = {
     "nc1": "NC1 over training",
@@ -146,7 +148,7 @@ def _accuracy_table(cell: _Cell) -> list[str]:
 
 def _leap_table(cell: _Cell) -> list[str]:
     present = [m for m in LEAP_METRICS if any(k[5] == m for k in cell.values)]
-    header = ["regime", "attack", "targeted success", *(f"nearest clean mean: {m.split('_')[-1]} class"
+    header = ["regime", "attack", "targeted success", *(f"{LEAP_HEADER} {m.split('_')[-1]} class"
                                                         for m in present)]
     rows = []
     for r in cell.regimes:
@@ -177,7 +179,7 @@ def _leap_value(cell: _Cell, regime: str, epoch: int, kind: str, metric: str) ->
 
 def _ratios_table(cell: _Cell) -> list[str]:
     header = ["regime", "PGD NC1 / clean NC1, last epoch", "Gaussian NC1 / clean NC1, last epoch",
-              "`train_adv` NC1 / clean NC1, last epoch", "clean NC1 first epoch / last epoch"]
+              "NC1 on `train_adv` / clean NC1, last epoch", "clean NC1 first epoch / last epoch"]
     rows = []
     for r in cell.regimes:
         first, last = cell.first[r], cell.last[r]
@@ -224,6 +226,53 @@ def _config_line(df: pd.DataFrame, logs: pd.DataFrame | None) -> str:
     return "Run: " + "; ".join(parts) + "."
 
 
+def _dump_of(root: Path, df: pd.DataFrame, regime: str) -> Path | None:
+    """The feature dump of ``regime``'s last checkpoint (first dataset, arch, seed, threat), if it exists."""
+    part = df[df["regime"] == regime].sort_values(["dataset", "arch", "seed", "norm", "epsilon"],
+                                                  kind="stable")
+    if part.empty:
+        return None
+    row = part.iloc[0]
+    epoch = int(df.loc[df["regime"] == regime, "epoch"].max())
+    run = root / str(row["dataset"]) / str(row["arch"]) / regime / f"seed{int(row['seed'])}" / "features"
+    found = sorted(run.glob(f"epoch{epoch}_{row['norm']}_eps*.h5"))
+    return found[0] if found else None
+
+
+def _provenance_line(root: Path, df: pd.DataFrame) -> str | None:
+    """Scale and attack settings as the final-checkpoint dumps record them (no dumps: no line)."""
+    regimes = sorted(df["regime"].unique(), key=_regime_key)
+    dumps = {r: d for r in regimes if (d := _dump_of(root, df, r)) is not None}
+    if not dumps:
+        return None
+    from .io import DumpError, attrs_dict, open_dump  # h5py only when there is a dump to read
+
+    attrs = {}
+    for r, path in dumps.items():
+        try:
+            with open_dump(path) as f:
+                attrs[r] = attrs_dict(f)
+        except DumpError:
+            continue
+    if not attrs:
+        return None
+    first = attrs[next(iter(attrs))]
+    spec = json.loads(first.get("config", "{}"))
+    threat, data = spec.get("threat", {}), spec.get("data", {})
+    parts = [f"model width {first.get('width', 'n/a')}",
+             f"{data.get('train_per_class', 'n/a')} train / {data.get('test_per_class', 'n/a')} test images "
+             "per class",
+             f"evaluation PGD-{threat.get('steps', 'n/a')}, step {threat.get('step', 'n/a')}/255, "
+             f"{threat.get('restarts', 'n/a')} restart(s), target rule `{spec.get('target_rule', 'n/a')}`"]
+    for r, a in attrs.items():
+        adv = a.get("training_adversary", "none")
+        if adv not in (None, "", "none"):
+            t = json.loads(adv)
+            budget = _threat(t.get("norm"), float(t.get("epsilon")))
+            parts.append(f"`{r}` trained against PGD-{t.get('steps')} {budget}, step {t.get('step')}/255")
+    return "Settings recorded in the final-checkpoint dumps: " + "; ".join(parts) + "."
+
+
 def summarize(results_dir: str | os.PathLike, commit: str | None = None) -> str:
     """The Markdown summary of a finished run under ``results_dir`` (``metrics.csv`` required)."""
     root = Path(results_dir)
@@ -243,6 +292,9 @@ def summarize(results_dir: str | os.PathLike, commit: str | None = None) -> str:
     lw = pd.read_csv(lw_path) if lw_path.is_file() else None
 
     out = [f"Commit: `{commit if commit is not None else commit_of(root)}`", "", _config_line(df, logs)]
+    provenance = _provenance_line(root, df)
+    if provenance:
+        out += ["", provenance]
     groups = df.groupby(["dataset", "arch", "norm", "epsilon"], sort=True)
     for (dataset, arch, norm, eps), part in groups:
         cell = _Cell(part)
@@ -260,7 +312,9 @@ def summarize(results_dir: str | os.PathLike, commit: str | None = None) -> str:
 def structure(markdown: str) -> list[str]:
     """The shape of a summary: its level-4 titles and each table's fixed header cells (no numbers).
 
-    The README's pasted block and a fresh ``summarize`` of any run must agree on this.
+    The README's pasted block and a fresh ``summarize`` of any run must agree on this. Left out: the cells
+    that depend on the run (epochs, layer names) and the leap-share columns, present only when ``metrics.csv``
+    has them.
     """
     shape = []
     for line in markdown.splitlines():
@@ -268,7 +322,7 @@ def structure(markdown: str) -> list[str]:
             shape.append(line)
         elif line.startswith("| regime"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            shape.append(" | ".join(c for c in cells if not c.startswith(("epoch ", "`"))))
+            shape.append(" | ".join(c for c in cells if not c.startswith(("epoch ", "`", LEAP_HEADER))))
     return shape
 
 
@@ -277,3 +331,10 @@ def readme_block(text: str) -> str:
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise SummaryError(f"expected exactly one {BEGIN} ... {END} block")
     return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` (a README) with the summary block between the markers replaced by ``block``."""
+    readme_block(text)  # exactly one pair of markers, or a clear error
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + "\n" + block + END + rest.split(END, 1)[1]

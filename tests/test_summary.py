@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,10 @@ def test_summary_of_a_synthetic_run(tmp_path):
 
 
 def test_summary_with_leap_shares(tmp_path):
-    leap = _section(summary.summarize(_results(tmp_path, leap=True), commit="x"), summary.TITLES["leap"])
+    text = summary.summarize(_results(tmp_path, leap=True), commit="x")
+    # the shares are optional columns: the README's block has the same structure with or without them
+    assert summary.structure(text) == summary.structure(summary.summarize(_results(tmp_path), commit="x"))
+    leap = _section(text, summary.TITLES["leap"])
     assert _row(leap, "regime")[3:] == ["nearest clean mean: own class", "nearest clean mean: target class",
                                         "nearest clean mean: other class"]
     assert _row(leap, "`st`", "targeted PGD")[2:] == ["36.5", "10.0", "80.0", "10.0"]
@@ -169,3 +173,31 @@ def test_readme_block_is_the_summary_of_the_run_here():
     if fresh.splitlines()[0] != block.splitlines()[0]:
         pytest.skip("results/ is a run of another commit than the README's block")
     assert block == fresh
+
+
+def test_readme_option_replaces_only_the_block(tmp_path):
+    res = _results(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{summary.BEGIN}\nold numbers\n{summary.END}\nafter\n")
+    subprocess.run([sys.executable, "-m", "ncpipe", "summary", str(res), "--readme", str(readme)], check=True,
+                   capture_output=True)
+    text = readme.read_text()
+    assert text.startswith(f"# title\n\nbefore\n{summary.BEGIN}\nCommit: `") and text.endswith(
+        f"{summary.END}\nafter\n")
+    assert summary.readme_block(text) == summary.summarize(res)
+    readme.write_text("no markers\n")
+    proc = subprocess.run([sys.executable, "-m", "ncpipe", "summary", str(res), "--readme", str(readme)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "summary:begin" in proc.stderr
+
+
+def test_settings_line_comes_from_the_final_dump(tmp_path, tiny_dump):
+    res = _results(tmp_path)
+    assert "Settings recorded" not in summary.summarize(res, commit="c")  # no dumps: no line
+    target = res / "cifar10" / "vgg11bn" / "st" / "seed1" / "features" / "epoch20_linf_eps8.h5"
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_dump["dump"], target)  # the tiny dump's own settings (tests/tiny_dump.py)
+    line = summary.summarize(res, commit="c").splitlines()[4]
+    assert line.startswith("Settings recorded in the final-checkpoint dumps: model width 0.0625; "
+                           "3 train / 2 test images per class; evaluation PGD-1, step 16/255"), line
+    assert "trained against" not in line  # ST has no training adversary
