@@ -72,9 +72,9 @@ def cmd_layerwise(a: argparse.Namespace) -> None:
 
 
 def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
-    from .layerwise import aggregate
+    from .tables import aggregate_layerwise
 
-    df = aggregate(a.tables)
+    df = aggregate_layerwise(a.tables)
     _write_csv(df, a.out)
     log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
 
@@ -99,6 +99,26 @@ def cmd_train_logs(a: argparse.Namespace) -> None:
     df = aggregate_train_logs(a.logs)
     _write_csv(df, a.out)
     log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
+
+
+def cmd_summary(a: argparse.Namespace) -> None:
+    from .summary import SummaryError, summarize
+
+    try:
+        text = summarize(a.results_dir)
+        if a.readme:
+            from .summary import replace_block
+            from .utils import atomic_output
+
+            updated = replace_block(Path(a.readme).read_text(), text)
+            with atomic_output(a.readme) as tmp:
+                tmp.write_text(updated)
+            log.info("replaced the summary block of %s", a.readme)
+            return
+    except SummaryError as err:
+        print(f"ncpipe summary: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.write(text)
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -198,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--out", required=True)
     tl.add_argument("logs", nargs="*", help="per-run train_log.csv paths, as the workflow names them")
     tl.set_defaults(fn=cmd_train_logs)
+    sm = sub.add_parser("summary", help="the README's default-run tables, as Markdown, from a finished run")
+    sm.add_argument("results_dir", help="a results directory (metrics.csv, train_logs.csv, layerwise.csv)")
+    sm.add_argument("--readme", default=None,
+                    help="replace the block between the summary markers of this file instead of printing")
+    sm.set_defaults(fn=cmd_summary)
     ins = sub.add_parser("inspect", help="summarise a feature dump or layerwise file; --verify provenance")
     ins.add_argument("file", help="an HDF5 file written by `ncpipe features` or the layerwise stage")
     ins.add_argument("--json", action="store_true", help="machine-readable output")

@@ -24,7 +24,6 @@ A per-class subsample of every probe's features (config ``layerwise.per_class``,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -249,12 +248,3 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
     with atomic_output(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     return df
-
-
-def aggregate(tables: list[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate per-checkpoint layerwise tables into the workflow's ``paths.ALL_LAYERWISE``."""
-    frames = [pd.read_csv(t) for t in tables]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    keys = ["dataset", "arch", "regime", "norm", "epsilon", "seed", "epoch", "split", "perturbation",
-            "layer_index", "metric"]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)

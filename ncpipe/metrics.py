@@ -39,10 +39,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+from .utils import lazy_import
+
+# torch is loaded on first use, not at import: `ncpipe aggregate` imports the metrics stage (ncpipe.evaluate)
+# and never computes a metric, and the torch import was most of that job's time.
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 ArrayLike = Any  # numpy array or torch tensor
 

@@ -1,4 +1,4 @@
-"""Tables: the final-epoch accuracy table (CSV + LaTeX) and the aggregated per-run training logs.
+"""Tables: the final-epoch accuracy table (CSV + LaTeX); the aggregated training logs and layerwise tables.
 
 The accuracy table (paper.md T1 and the numbers behind F7) has one row per (architecture, training method)
 of a dataset and evaluation threat: clean and PGD accuracy of the network on train and test data and of the
@@ -168,3 +168,20 @@ def aggregate_train_logs(logs: list[str | os.PathLike]) -> pd.DataFrame:
         .sort_values([*RUN_COLUMNS, "epoch"], kind="stable")
         .reset_index(drop=True)
     )
+
+
+# Row order of ``paths.ALL_LAYERWISE``: by cell, then from the input to the output layer.
+LAYERWISE_KEYS = ["dataset", "arch", "regime", "norm", "epsilon", "seed", "epoch", "split", "perturbation",
+                  "layer_index", "metric"]
+
+
+def aggregate_layerwise(tables: list[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate per-checkpoint layerwise tables (``layerwise.COLUMNS``) into ``paths.ALL_LAYERWISE``.
+
+    It lives here, not beside the layerwise stage, so that the aggregate job needs pandas only: that stage's
+    module imports torch, which cost this job most of its time.
+    """
+    if not tables:
+        raise ValueError("no layerwise tables to aggregate")
+    df = pd.concat([pd.read_csv(t) for t in tables], ignore_index=True)
+    return df.sort_values(LAYERWISE_KEYS, kind="stable").reset_index(drop=True)

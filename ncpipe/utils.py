@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -131,3 +133,22 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def lazy_import(name: str) -> ModuleType:
+    """``name`` as a module that is imported on first attribute access (the standard library's LazyLoader).
+
+    Bookkeeping stages import modules whose compute paths use torch; importing torch costs a second or more
+    per job, most of such a job's time. An already imported module is returned as it is.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {name!r}", name=name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch's own submodules must find this one object, not import a second torch
+    loader.exec_module(module)
+    return module

@@ -1,0 +1,47 @@
+"""CPU bookkeeping stages load only what they use: no torch (its import is most of such a job's time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from synthetic_tables import layerwise_frame, metrics_frame
+
+# Runs one `ncpipe` command in this interpreter, then reports whether torch's extension was really loaded
+# (ncpipe.metrics registers torch lazily, so "torch" in sys.modules alone means nothing).
+_PROBE = """
+import json, sys
+from ncpipe import cli
+cli.main(sys.argv[1:])
+print(json.dumps({m: m in sys.modules for m in ("torch._C", "scipy", "matplotlib")}))
+"""
+
+
+def _loaded(*argv: str) -> dict[str, bool]:
+    res = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_aggregates_and_summary_never_load_torch(tmp_path):
+    m1, m2 = tmp_path / "a.csv", tmp_path / "b.csv"
+    df = metrics_frame(regimes=("st",), seeds=(1,), epochs=(1, 2))
+    df[df.epoch == 1].to_csv(m1, index=False)
+    df[df.epoch == 2].to_csv(m2, index=False)
+    lw = tmp_path / "lw.csv"
+    layerwise_frame(regimes=("st",), seeds=(1,), layers=2).to_csv(lw, index=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    for argv in (["aggregate", "--out", str(run / "metrics.csv"), str(m1), str(m2)],
+                 ["aggregate-layerwise", "--out", str(run / "layerwise.csv"), str(lw)],
+                 ["summary", str(run)]):
+        assert _loaded(*argv) == {"torch._C": False, "scipy": False, "matplotlib": False}, argv
+
+
+def test_metrics_module_loads_torch_on_first_use():
+    code = ("import sys, numpy as np; from ncpipe import metrics; before = 'torch._C' in sys.modules; "
+            "v = metrics.neural_collapse(np.eye(3), np.arange(3)); print(before, 'torch._C' in sys.modules, "
+            "round(v['nc1'], 12))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "0.0"]
