@@ -22,6 +22,14 @@ log = logging.getLogger("ncpipe.extract")
 TRAIN_ADV = attacks.TRAIN_ADV  # made by training itself, not by this stage (see _write_train_adv)
 
 
+def targeted_kwargs(adv: dict[str, Any], budget: dict[str, Any] | None) -> dict[str, Any]:
+    """The targeted kind's attack_kwargs: the threat's scaled by the config's ``attack.targeted`` factors."""
+    b = budget or {}
+    return {**adv, "epsilon": adv["epsilon"] * float(b.get("epsilon_factor", 1.0)),
+            "step": adv["step"] * float(b.get("step_factor", 1.0)),
+            "steps": adv["steps"] * int(b.get("steps_factor", 1))}
+
+
 def attack_kwargs(threat: dict[str, Any]) -> dict[str, Any]:
     """The features rule's threat slice (1/255 units) as pixel-unit keyword arguments of attacks.perturb."""
     return {"norm": threat["norm"], "epsilon": threat["epsilon"] / 255.0, "step": threat["step"] / 255.0,
@@ -70,15 +78,16 @@ def extract_features(spec: dict[str, Any], checkpoint: str, out_h5: str) -> None
             targets_all = attacks.target_labels(ys, meta["num_classes"], rule=spec["target_rule"],
                                                 generator=gen)
             for kind in [k for k in spec["kinds"] if k != TRAIN_ADV]:
+                kw = targeted_kwargs(adv, spec.get("targeted")) if kind == "targeted" else adv
                 feats, preds = [], []
                 for i in tqdm(range(0, len(xs), bs), desc=f"{split}/{kind}", mininterval=5, leave=False):
                     xb, yb = to_float(xs[i:i + bs]), ys[i:i + bs]
-                    xp = attacks.perturb(kind, net, xb, yb, **adv, targets=targets_all[i:i + bs],
+                    xp = attacks.perturb(kind, net, xb, yb, **kw, targets=targets_all[i:i + bs],
                                          generator=gen, amp_dtype=amp)
                     h, logits = _features(net, xp, amp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
-                params = attacks.kind_params(kind, **adv, target_rule=spec["target_rule"],
+                params = attacks.kind_params(kind, **kw, target_rule=spec["target_rule"],
                                              input_numel=int(xs[0].numel()))
                 g = _write_group(f, split, kind, torch.cat(feats).numpy(), lab, torch.cat(preds).numpy(),
                                  params, storage)

@@ -150,12 +150,17 @@ def features_spec(config: dict[str, Any], wildcards: Any) -> str:
         "storage": dict(config["features"]),
         "runtime": runtime_spec(config),
     }
+    tg = a.get("targeted", {})
+    if any(float(tg.get(k, 1)) != 1.0 for k in ("epsilon_factor", "step_factor", "steps_factor")):
+        # only when it differs from the authors' same-budget attack, so paper-config jobs keep their params
+        spec["targeted"] = dict(tg)
     return _dump(spec)
 
 
 def layerwise_spec(config: dict[str, Any], wildcards: Any) -> str:
     spec = json.loads(features_spec(config, wildcards))
     spec["kinds"] = ["clean", "pgd"]
+    spec.pop("targeted", None)  # no targeted kind here
     spec["splits"] = ["train"]
     spec["layerwise"] = dict(config["layerwise"])
     return _dump(spec)

@@ -41,11 +41,11 @@ wildcard_constraints:
 STAGE_MODULES = {
     "train": ["__init__", "config", "data", "models", "attacks", "train", "utils"],
     "features": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils"],
-    "metrics": ["config", "metrics", "evaluate", "io", "utils"],
+    "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "data", "models", "attacks", "train", "extract", "io", "utils", "metrics",
                   "layerwise", "grid", "paths"],
-    "figures": ["config", "figures", "families", "io", "paths", "grid", "utils"],
-    "tables": ["tables", "families", "paths", "grid", "utils"],
+    "figures": ["config", "figures", "families", "io", "paths", "grid", "utils", "leap"],
+    "tables": ["tables", "families", "paths", "grid", "utils", "leap", "metrics", "io"],
 }
 
 
