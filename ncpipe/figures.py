@@ -79,6 +79,7 @@ class Panel:
     ylabel: str
     series: tuple[Series, ...]
     log: bool = False
+    note: str = ""  # a short axis title, e.g. why a line is absent
 
 
 def _eps_equal(col: pd.Series, eps: str) -> pd.Series:
@@ -140,6 +141,8 @@ def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "ep
             legend.setdefault(label, h)
         ax.set_xlabel("epoch")
         epoch_axis(ax, frame[x])
+        if panel.note:
+            ax.set_title(panel.note, fontsize=8)
         ax.set_ylabel(panel.ylabel)
         if panel.log and (frame["value"] > 0).all():
             ax.set_yscale("log")
@@ -325,22 +328,16 @@ LEAP_LINES = {
     "true": ("targeted PGD, by true label", "targeted", "true", "#ff7f0e"),
     "predicted": ("untargeted PGD, by predicted label", "pgd", "predicted", "#d62728"),
 }
-LEAP_SAME_PARTITION = "targeted PGD, by target label (= by true label: same partition)"
+LEAP_SAME_PARTITION = "targeted PGD by true label = by target label (same partition): drawn once"
 LEAP_SHARES = [
-    ("at the target's mean", "leap_share_target", "#9467bd"),
-    ("at its own class's mean", "leap_share_own", "#1f77b4"),
-    ("at another class's mean", "leap_share_other", "#7f7f7f"),
+    ("targeted PGD lands at the target's mean", "leap_share_target", "#2ca02c"),
+    ("targeted PGD lands at its own class's mean", "leap_share_own", "#aec7e8"),
+    ("targeted PGD lands at another class's mean", "leap_share_other", "#7f7f7f"),
 ]
 
 
-def _leap_series(metric: str, keys: tuple[str, ...], scale: float = 1.0, merged: bool = False) -> tuple:
-    out = []
-    for k in keys:
-        label, kind, grouping, colour = LEAP_LINES[k]
-        if merged and k == "target":
-            label = LEAP_SAME_PARTITION
-        out.append(Series(label, metric, kind, grouping, colour, scale))
-    return tuple(out)
+def _leap_series(metric: str, keys: tuple[str, ...], scale: float = 1.0) -> tuple:
+    return tuple(Series(LEAP_LINES[k][0], metric, *LEAP_LINES[k][1:], scale) for k in keys)
 
 
 def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
@@ -350,10 +347,10 @@ def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figu
     once = ("clean", "target", "predicted")
     panels = [
         Panel("agreement of network with grouping label (%)", _leap_series("accuracy", every, PCT)),
-        Panel("targeted PGD points whose nearest clean mean is … (%)",
+        Panel("share of targeted PGD train points (%)",
               tuple(Series(lb, m, "targeted", "true", c, PCT) for lb, m, c in LEAP_SHARES)),
-        Panel("NC1 = Tr(Σ_W Σ_B⁺)", _leap_series("nc1", once, merged=True), log=True),
-        Panel("NC2 equiangularity", _leap_series("nc2_equiangular_means", once, merged=True)),
+        Panel("NC1 = Tr(Σ_W Σ_B⁺)", _leap_series("nc1", once), log=True, note=LEAP_SAME_PARTITION),
+        Panel("NC2 equiangularity", _leap_series("nc2_equiangular_means", once), note=LEAP_SAME_PARTITION),
         Panel("NC3 self-duality", _leap_series("nc3", every)),
         Panel(
             "∠(clean mean of c, mean of points targeted to c) (degrees)",

@@ -144,6 +144,10 @@ def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
         _row(perturbation="targeted", grouping="target", metric="nc1", value=0.5),
         _row(perturbation="pgd", grouping="predicted", metric="nc1", value=0.7),
     ]
+    rows += [_row(perturbation="targeted", grouping=g, metric="accuracy", value=0.5)
+             for g in ("true", "target")]
+    rows += [_row(perturbation="targeted", grouping="true", metric=m, value=0.3)
+             for m in ("leap_share_own", "leap_share_target", "leap_share_other")]
     fig = figures.DRAW["targeted_leap"](
         {"metrics": pd.DataFrame(rows)}, families.parse_stem("targeted_leap", "cifar10__vgg11bn__st__linf8")
     )
@@ -152,8 +156,9 @@ def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
     np.testing.assert_allclose(_line(ax, "angle, centred means").get_ydata(), [90.0])
     nc1 = _axis(fig, "NC1")
     # target and true groupings are one partition: NC1 drawn once, and the legend says so
-    np.testing.assert_allclose(_line(nc1, figures.LEAP_SAME_PARTITION).get_ydata(), [0.5])
+    np.testing.assert_allclose(_line(nc1, "targeted PGD, by target label").get_ydata(), [0.5])
     assert not [ln for ln in nc1.get_lines() if ln.get_label() == "targeted PGD, by true label"]
+    assert nc1.get_title() == figures.LEAP_SAME_PARTITION
     np.testing.assert_allclose(_line(nc1, "untargeted PGD, by predicted label").get_ydata(), [0.7])
     colours = [ln.get_color() for a in fig.axes for ln in a.get_lines() if not ln.get_label().startswith("_")]
     labels = [ln.get_label() for a in fig.axes for ln in a.get_lines() if not ln.get_label().startswith("_")]

@@ -242,3 +242,29 @@ def test_new_families_are_planned_and_captioned():
         cfg, {"dataset": "mnist5k", "arch": "vgg11bn", "regime": "st", "norm": "linf", "eps": "32"}
     )
     assert [Path(d).name for d in dumps] == ["epoch1_linf_eps32.h5", "epoch20_linf_eps32.h5"]
+
+
+# ------------------------------------------------------------------------------------ targeted attack budget
+def test_targeted_budget_scales_only_the_targeted_kind_and_paper_configs_keep_their_params():
+    import json
+
+    from ncpipe import grid
+    from ncpipe.config import load_config
+    from ncpipe.extract import attack_kwargs, targeted_kwargs
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    wc = {"dataset": "cifar10", "norm": "linf", "eps": "8"}
+    paper = load_config(root / "paper.yaml")
+    assert paper["attack"]["targeted"] == {"epsilon_factor": 1.0, "step_factor": 1.0, "steps_factor": 1}
+    assert "targeted" not in json.loads(grid.features_spec(paper, wc))  # the authors' same-budget attack
+    default = load_config(root / "config.yaml")
+    spec = json.loads(grid.features_spec(default, {"dataset": "mnist5k", "norm": "linf", "eps": "32"}))
+    adv = attack_kwargs(spec["threat"])
+    tk = targeted_kwargs(adv, spec["targeted"])
+    f = spec["targeted"]
+    assert tk["epsilon"] == pytest.approx(adv["epsilon"] * f["epsilon_factor"])
+    assert tk["step"] == pytest.approx(adv["step"] * f["step_factor"])
+    assert tk["steps"] == adv["steps"] * f["steps_factor"]
+    assert targeted_kwargs(adv, None) == adv
+    assert "targeted" not in json.loads(grid.layerwise_spec(default, {"dataset": "mnist5k", "norm": "linf",
+                                                                       "eps": "32"}))
