@@ -266,5 +266,27 @@ def test_targeted_budget_scales_only_the_targeted_kind_and_paper_configs_keep_th
     assert tk["step"] == pytest.approx(adv["step"] * f["step_factor"])
     assert tk["steps"] == adv["steps"] * f["steps_factor"]
     assert targeted_kwargs(adv, None) == adv
-    assert "targeted" not in json.loads(grid.layerwise_spec(default, {"dataset": "mnist5k", "norm": "linf",
-                                                                       "eps": "32"}))
+    assert "targeted" not in json.loads(
+        grid.layerwise_spec(default, {"dataset": "mnist5k", "norm": "linf", "eps": "32"})
+    )
+
+
+def test_simplex_projection_of_c100_draws_the_first_ten_classes():
+    c = 100
+    y = np.repeat(np.arange(c), 3)
+    vertices = 3.0 * np.eye(c)
+    h = vertices[y] + _noise(len(y), 3)[:, :1]  # a per-point shift along the first axis
+    t = (y + 1) % c
+    view = figures.DumpView(
+        3,
+        c,
+        {"clean": (h, y, None), "pgd": (vertices[(y + 7) % c], y, None), "targeted": (vertices[t], y, t)},
+    )
+    fig = figures.draw_simplex(
+        [view], families.parse_stem("simplex_projection", "cifar100__vgg11bn__st__linf8")
+    )
+    assert "classes 0–9 of 100" in fig._suptitle.get_text()
+    ax = [a for a in fig.axes if "targeted to" in a.get_title()][0]
+    assert len(ax.collections[-1].get_offsets()) == 10  # ten vertices drawn
+    assert "own 0 %, target 100 %, other 0 %" in ax.get_title()  # shares over all 100 classes
+    plt.close(fig)
