@@ -93,6 +93,21 @@ def cmd_tables(a: argparse.Namespace) -> None:
         log.info("wrote %s", path)
 
 
+def cmd_leap_table(a: argparse.Namespace) -> None:
+    from .tables import write_leap_tables
+
+    for path in write_leap_tables(a.dumps, a.stem, a.outdir):
+        log.info("wrote %s", path)
+
+
+def cmd_simplex_figure(a: argparse.Namespace) -> None:
+    from .figures import draw_simplex_files
+
+    spec = _spec(a.spec)
+    for path in draw_simplex_files(a.dumps, a.stem, a.outdir, spec["formats"], spec["dpi"], spec["context"]):
+        log.info("wrote %s", path)
+
+
 def cmd_train_logs(a: argparse.Namespace) -> None:
     from .tables import aggregate_train_logs
 
@@ -213,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--outdir", required=True)
     tb.add_argument("stems", nargs="+", help="accuracy_final__{dataset}__{norm}{eps}")
     tb.set_defaults(fn=cmd_tables)
+
+    lt = sub.add_parser("leap-table", help="leap matrices (CSV, HTML, LaTeX) of final feature dumps")
+    lt.add_argument("--outdir", required=True)
+    lt.add_argument("--stem", required=True, help="leap_matrix__{dataset}__{arch}__{norm}{eps}")
+    lt.add_argument("dumps", nargs="+", help="final-checkpoint feature dumps, one per regime/seed")
+    lt.set_defaults(fn=cmd_leap_table)
+
+    sp = sub.add_parser("simplex-figure", help="simplex_projection figure of one run (dumps)")
+    sp.add_argument("--outdir", required=True)
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--stem", required=True, help="{dataset}__{arch}__{regime}__{norm}{eps}")
+    sp.add_argument("dumps", nargs="+", help="feature dumps of the checkpoints to draw, one row each")
+    sp.set_defaults(fn=cmd_simplex_figure)
 
     tl = sub.add_parser("train-logs", help="concatenate per-run training logs with their run identity")
     tl.add_argument("--out", required=True)

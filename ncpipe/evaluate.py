@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from . import leap, metrics
 from .io import SPLITS, attrs_dict, open_dump
 
 log = logging.getLogger("ncpipe.evaluate")
@@ -46,6 +46,12 @@ def _align(clean_means: np.ndarray, other_means: np.ndarray) -> dict[str, float]
 
 def _means(features: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
     return metrics.class_means(features, labels, c)[0]
+
+
+def _leap(features: np.ndarray, labels: np.ndarray, targets: np.ndarray | None,
+          train_clean_means: np.ndarray) -> dict[str, float]:
+    """Where perturbed points land (nearest clean train mean): own class / the attack's target / elsewhere."""
+    return leap.leap_shares(labels, leap.landing_classes(features, train_clean_means), targets)
 
 
 def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
@@ -84,6 +90,8 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
             # the paper's robust nearest-class-centre classifier: clean *train* means, any split/perturbation
             acc = metrics.ncc_accuracy(h, y, train_clean_means)
             rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
+            if kind != "clean":
+                rows += _rows(ident, split, kind, "true", _leap(h, y, d.get("targets"), train_clean_means))
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["value"] = df["value"].astype(float)
     return df

@@ -33,7 +33,6 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
         **{k: v for k, v in ev.provenance().items() if k not in threat.attrs()},
         "feature_layer": "penultimate",
     }
-    adv = threat.attack_kwargs()
     bs = spec.batch_size
     with create_dump(out_h5, root) as f:
         cls = f.create_group("classifier")
@@ -53,7 +52,8 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
                     h, logits = ev.features(xp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
-                params = attacks.kind_params(kind, **adv, target_rule=spec.target_rule,
+                params = attacks.kind_params(kind, **spec.threat_of(kind).attack_kwargs(),
+                                             target_rule=spec.target_rule,
                                              input_numel=int(xs[0].numel()))
                 g = _write_group(f, split, kind, torch.cat(feats).numpy(), lab, torch.cat(preds).numpy(),
                                  params, spec.storage)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import paths
-from .grid import runs, threats
+from .grid import final_epoch, runs, threats
 
 RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
 ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
@@ -99,6 +99,22 @@ FAMILIES: dict[str, Family] = {
         "PGD training data, per method.",
         lambda c: bool(c["layerwise"]["enabled"]),
     ),
+    "simplex_projection": Family(
+        RUN_THREAT,
+        "features",
+        "Simplex projection (features)",
+        "Clean class means and a per-class sample of clean, PGD and targeted train features on the "
+        "plane of the first two principal axes of the centred clean class means, first and final checkpoint.",
+        lambda c: _has_split("train")(c) and _has_kinds("clean", "pgd")(c),
+    ),
+    "leap_matrix": Family(
+        ARCH_THREAT,
+        "leap",
+        "Leap matrix",
+        "Final checkpoint: share of train points of true class c whose perturbed feature is nearest "
+        "the clean train mean of class k (C x C, rows sum to 1), PGD and targeted PGD, per training regime.",
+        lambda c: _has_split("train")(c) and _has_kinds("clean", "pgd")(c),
+    ),
     "training_curves": Family(
         RUN,
         "train_logs",
@@ -156,7 +172,7 @@ def figure_targets(config: dict[str, Any], tables: set[str] | None = None) -> li
     return [
         figure_path(fam, stem, ext)
         for fam, f in FAMILIES.items()
-        if tables is None or TABLES[f.table] in tables
+        if tables is None or f.table not in TABLES or TABLES[f.table] in tables
         for stem in figure_stems(config, fam)
         for ext in config["figures"]["formats"]
     ]
@@ -164,7 +180,7 @@ def figure_targets(config: dict[str, Any], tables: set[str] | None = None) -> li
 
 # ------------------------------------------------------------------------------------------- tables
 ACCURACY_STEM = "accuracy_final__{dataset}__{norm}{eps}"
-TABLE_FORMATS = ("csv", "tex")
+TABLE_FORMATS = ("csv", "html", "tex")
 
 
 def table_path(stem: str, ext: str) -> str:
@@ -187,4 +203,55 @@ def table_stems(config: dict[str, Any]) -> list[str]:
 
 
 def table_targets(config: dict[str, Any]) -> list[str]:
-    return [table_path(s, ext) for s in table_stems(config) for ext in TABLE_FORMATS]
+    return [
+        *(table_path(s, ext) for s in table_stems(config) for ext in TABLE_FORMATS),
+        *(table_path(s, ext) for s in leap_table_stems(config) for ext in TABLE_FORMATS),
+    ]
+
+
+# ------------------------------------------------------------------- inputs read from the feature dumps
+# The leap table (one per dataset x arch x threat) is the input of the leap_matrix figures: same stem keys.
+LEAP_STEM = "leap_matrix__{dataset}__{arch}__{norm}{eps}"
+LEAP_KINDS = ("clean", "pgd", "targeted")  # clean: the NCC confusion matrix, the reference of the leap
+
+
+def family_table(family: str) -> str:
+    """The input table (pattern) of a table-reading figure family."""
+    fam = FAMILIES[family]
+    if fam.table == "leap":
+        return table_path(LEAP_STEM, "csv")
+    return TABLES[fam.table]
+
+
+def leap_table_stems(config: dict[str, Any]) -> list[str]:
+    return [LEAP_STEM.format(**w) for w in stem_wildcards(config, "leap_matrix")]
+
+
+def parse_leap_stem(stem: str) -> dict[str, str]:
+    w = _match_stem(LEAP_STEM, stem)
+    if w is None:
+        raise ValueError(f"{stem!r} is not a leap table name ({LEAP_STEM})")
+    return w
+
+
+def leap_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
+    """The final-checkpoint feature dumps of every regime and seed of one (dataset, arch, threat)."""
+    w = {k: wildcards[k] for k in ("dataset", "arch", "norm", "eps")}
+    return [
+        paths.format_path(paths.FEATURES, **r.wildcards(), epoch=final_epoch(config), norm=w["norm"],
+                          eps=w["eps"])
+        for r in runs(config)
+        if r.dataset == w["dataset"] and r.arch == w["arch"]
+    ]
+
+
+def simplex_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
+    """The first- and final-checkpoint feature dumps of one run and threat (the config's first seed)."""
+    epochs = sorted(config["train"]["checkpoints"])
+    seed = sorted(int(s) for s in config["seeds"])[0]
+    return [
+        paths.format_path(paths.FEATURES, dataset=wildcards["dataset"], arch=wildcards["arch"],
+                          regime=wildcards["regime"], seed=seed, epoch=e, norm=wildcards["norm"],
+                          eps=wildcards["eps"])
+        for e in (epochs[0], epochs[-1])
+    ]

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
-from .grid import METHOD_LABELS, method_of  # noqa: E402
+from .grid import NORM_LABELS, method_of, regime_label  # noqa: E402
 from .io import KIND_ORDER  # noqa: E402
 from .utils import atomic_output  # noqa: E402
 
@@ -51,7 +51,6 @@ PALETTE = {
     "train_adv": "#8c564b",
 }
 METHOD_ORDER = ["st", "at", "trades"]
-NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
 
 PCT = 100.0  # accuracies are stored as fractions and drawn in percent
 DEG = 180.0 / np.pi  # angles are stored in radians and drawn in degrees
@@ -68,6 +67,7 @@ class Series:
     grouping: str | None = "true"
     colour: str | None = None
     scale: float = 1.0
+    style: str = "-"
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class Panel:
     ylabel: str
     series: tuple[Series, ...]
     log: bool = False
+    note: str = ""  # a short axis title, e.g. why a line is absent
 
 
 def _eps_equal(col: pd.Series, eps: str) -> pd.Series:
@@ -128,18 +129,40 @@ def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "ep
     for ax, (panel, frame) in zip(axes.flat, shown, strict=False):
         order = [s.label for s in panel.series if s.label in set(frame["series"])]
         colours = {s.label: s.colour for s in panel.series if s.colour}
+        styles = {s.label: s.style for s in panel.series}
         marker = "o" if frame[x].nunique() <= 80 else None  # 400 per-epoch markers would hide the line
         for label in order:
-            h = mean_band(ax, frame[frame["series"] == label], x, colours.get(label), label, marker=marker)
+            h = mean_band(ax, frame[frame["series"] == label], x, colours.get(label), label,
+                          style=styles.get(label, "-"), marker=marker)
             legend.setdefault(label, h)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, frame[x])
+        if panel.note:
+            ax.set_title(panel.note, fontsize=8)
         ax.set_ylabel(panel.ylabel)
         if panel.log and (frame["value"] > 0).all():
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(shown) :]:
         ax.set_visible(False)
     return finish(fig, title, list(legend.values()), list(legend))
+
+
+LOG_EPOCHS = 100  # runs this long get a log epoch axis, as NC papers draw 350-400-epoch runs
+
+
+def epoch_axis(ax: plt.Axes, epochs: pd.Series) -> None:
+    """Ticks at the epochs with data (the checkpoints); a log axis for long runs (symlog if 0 is there)."""
+    e = np.unique(pd.to_numeric(epochs, errors="coerce").dropna().to_numpy(dtype=float))
+    if e.size and e.max() >= LOG_EPOCHS:
+        if e.min() <= 0:
+            ax.set_xscale("symlog", linthresh=1.0)
+        else:
+            ax.set_xscale("log")
+    if 0 < e.size <= 12:
+        ax.set_xticks(e, [f"{v:g}" for v in e])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def mean_band(
@@ -223,17 +246,11 @@ def _threat(sel: dict[str, str]) -> str:
     return f"{NORM_LABELS.get(sel['norm'], sel['norm'])} ε = {sel['eps']}/255"
 
 
-def _method_label(regime: str) -> str:
-    method, _, train_threat = regime.partition("_")
-    label = METHOD_LABELS.get(method, method)
-    return f"{label} [{train_threat}]" if train_threat else label
-
-
 def _title(sel: dict[str, str], what: str) -> str:
     head = " / ".join(sel[k] for k in ("dataset", "arch") if k in sel)
     parts = [head]
     if "regime" in sel:
-        parts.append(_method_label(sel["regime"]))
+        parts.append(regime_label(sel["regime"]))
     if "norm" in sel:
         parts.append(f"evaluation threat {_threat(sel)}")
     return f"{what}\n" + " — ".join(parts)
@@ -254,11 +271,31 @@ def _by_perturbation(metric: str, scale: float, kinds: tuple[str, ...] = tuple(P
     return tuple(Series(PERTURBATION_LABELS[k], metric, k, "true", PALETTE[k], scale) for k in kinds)
 
 
+# NC2 of the classifier rows W (one matrix per checkpoint, the same for every data kind: read from clean rows)
+CLASSIFIER_NC2 = {
+    "nc2_equinorm_means": "nc2_equinorm_weights",
+    "nc2_equiangular_means": "nc2_equiangular_weights",
+}
+CLASSIFIER_LABEL = "classifier rows W (NC2 of the weights)"
+CLASSIFIER_COLOUR = "#000000"
+
+
+def _nc_panels() -> list[Panel]:
+    panels = []
+    for m, lbl, lg, s in NC_METRICS:
+        series = _by_perturbation(m, s)
+        if m in CLASSIFIER_NC2:
+            series = (*series, Series(CLASSIFIER_LABEL, CLASSIFIER_NC2[m], "clean", "true", CLASSIFIER_COLOUR,
+                                      style="--"))
+        panels.append(Panel(lbl, series, lg))
+    return panels
+
+
 def _draw_nc(split: str) -> Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]:
     def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
         df = select(tables["metrics"], sel)
         df = df[df["split"] == split]
-        panels = [Panel(lbl, _by_perturbation(m, s), lg) for m, lbl, lg, s in NC_METRICS]
+        panels = _nc_panels()
         return epoch_panels(
             df, panels, _title(sel, f"Neural Collapse on {split} data, grouped by true label")
         )
@@ -266,39 +303,51 @@ def _draw_nc(split: str) -> Callable[[dict[str, pd.DataFrame], dict[str, str]], 
     return draw
 
 
+# Target and true groupings of the (y+1) mod C attack are one partition of the points relabelled, so NC1 and
+# NC2 (which never pair a group with a classifier row) are identical by construction: drawn once, said so.
+LEAP_LINES = {
+    "clean": ("clean, by true label", "clean", "true", "#1f77b4"),
+    "target": ("targeted PGD, by target label", "targeted", "target", "#9467bd"),
+    "true": ("targeted PGD, by true label", "targeted", "true", "#ff7f0e"),
+    "predicted": ("untargeted PGD, by predicted label", "pgd", "predicted", "#d62728"),
+}
+LEAP_SAME_PARTITION = "targeted PGD by true label = by target label (same partition): drawn once"
+LEAP_SHARES = [
+    ("targeted PGD lands at the target's mean", "leap_share_target", "#2ca02c"),
+    ("targeted PGD lands at its own class's mean", "leap_share_own", "#aec7e8"),
+    ("targeted PGD lands at another class's mean", "leap_share_other", "#7f7f7f"),
+]
+
+
+def _leap_series(metric: str, keys: tuple[str, ...], scale: float = 1.0) -> tuple:
+    return tuple(Series(LEAP_LINES[k][0], metric, *LEAP_LINES[k][1:], scale) for k in keys)
+
+
 def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
     df = select(tables["metrics"], sel)
     df = df[df["split"] == "train"]
-    lines = [
-        ("clean, by true label", "clean", "true", "#1f77b4"),
-        ("targeted PGD, by target label", "targeted", "target", "#9467bd"),
-        ("targeted PGD, by true label", "targeted", "true", "#c5b0d5"),
-        ("untargeted PGD, by predicted label", "pgd", "predicted", "#d62728"),
-    ]
-
-    def ser(metric: str, scale: float = 1.0) -> tuple[Series, ...]:
-        return tuple(Series(lb, metric, k, g, c, scale) for lb, k, g, c in lines)
-
-    align = [
-        ("centred means", "align_angle_centred", "#e377c2"),
-        ("raw means", "align_angle_uncentred", "#17becf"),
-    ]
-    dist = [
-        ("centred means", "align_dist_centred", "#e377c2"),
-        ("raw means", "align_dist_uncentred", "#17becf"),
-    ]
+    every = ("clean", "target", "true", "predicted")
+    once = ("clean", "target", "predicted")
     panels = [
-        Panel("agreement of network with grouping label (%)", ser("accuracy", PCT)),
-        Panel("NC1 = Tr(Σ_W Σ_B⁺)", ser("nc1"), log=True),
-        Panel("NC2 equiangularity", ser("nc2_equiangular_means")),
-        Panel("NC3 self-duality", ser("nc3")),
+        Panel("agreement of network with grouping label (%)", _leap_series("accuracy", every, PCT)),
+        Panel("share of targeted PGD train points (%)",
+              tuple(Series(lb, m, "targeted", "true", c, PCT) for lb, m, c in LEAP_SHARES)),
+        Panel("NC1 = Tr(Σ_W Σ_B⁺)", _leap_series("nc1", once), log=True, note=LEAP_SAME_PARTITION),
+        Panel("NC2 equiangularity", _leap_series("nc2_equiangular_means", once), note=LEAP_SAME_PARTITION),
+        Panel("NC3 self-duality", _leap_series("nc3", every)),
         Panel(
             "∠(clean mean of c, mean of points targeted to c) (degrees)",
-            tuple(Series(f"angle, {lb}", m, "targeted", "target", c, DEG) for lb, m, c in align),
+            (
+                Series("angle, centred means", "align_angle_centred", "targeted", "target", "#e377c2", DEG),
+                Series("angle, raw means", "align_angle_uncentred", "targeted", "target", "#17becf", DEG),
+            ),
         ),
         Panel(
             "‖clean mean of c − mean targeted to c‖ (feature units)",
-            tuple(Series(f"distance, {lb}", m, "targeted", "target", c) for lb, m, c in dist),
+            (
+                Series("distance, centred means", "align_dist_centred", "targeted", "target", "#8c564b"),
+                Series("distance, raw means", "align_dist_uncentred", "targeted", "target", "#bcbd22"),
+            ),
         ),
     ]
     return epoch_panels(df, panels, _title(sel, "Leap: targeted PGD (y → (y+1) mod C) on train data"))
@@ -356,7 +405,7 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
         classifier=df["metric"].map(
             {"accuracy": "network", "ncc_train_means_accuracy": "NCC on clean train means"}
         ),
-        method=df["regime"].map(_method_label),
+        method=df["regime"].map(regime_label),
     )
     cells = [
         (s, k)
@@ -364,7 +413,7 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
         for k in ("clean", "pgd")
         if not df[(df["split"] == s) & (df["perturbation"] == k)].empty
     ]
-    order = [_method_label(r) for r in _regime_order(list(df["regime"]))]
+    order = [regime_label(r) for r in _regime_order(list(df["regime"]))]
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
     classifiers = {"network": "#4c72b0", "NCC on clean train means": "#dd8452"}
     for ax, (split, kind) in zip(axes.flat, cells, strict=True):
@@ -433,7 +482,7 @@ def _draw_layerwise(metrics: list[tuple[str, str, bool, str]], ylabel: str, what
             ax.set_xticks(names["layer_index"], names["layer"], rotation=60, ha="right", fontsize=7)
             ax.set_xlabel("layer (input → output)")
             ax.set_ylabel(ylabel, visible=True)  # seaborn hides it next to shared (hidden) y ticks
-            ax.set_title(_method_label(regime))
+            ax.set_title(regime_label(regime))
         handles, labels = axes.flat[0].get_legend_handles_labels()
         return finish(
             fig,
@@ -476,6 +525,195 @@ def _draw_training(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
     return epoch_panels(long, TRAIN_LOG_PANELS, _title(sel, "Training curves"))
 
 
+# ------------------------------------------------------------------------------------------- leap matrix
+LEAP_FIGURE_KINDS = ("pgd", "targeted")
+
+
+def _draw_leap_matrix(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+    """Heat maps true class (rows) -> class of the nearest clean train mean (columns), train, final epoch.
+
+    One column per regime (ST beside AT and TRADES), one row per attack; each row of a map sums to 100 %.
+    """
+    title = _title(sel, "Leap matrix: where perturbed train points land (nearest clean train class mean), "
+                        "final epoch")
+    df = select(tables["leap"], sel)
+    df = _final(df[(df["split"] == "train") & df["perturbation"].isin(LEAP_FIGURE_KINDS)])
+    if df.empty:
+        return empty_figure(title)
+    regimes = _regime_order(list(df["regime"]))
+    kinds = [k for k in LEAP_FIGURE_KINDS if k in set(df["perturbation"])]
+    c = int(df["true_class"].max()) + 1
+    size = 3.2 if c <= 20 else 4.5
+    fig, axes = plt.subplots(len(kinds), len(regimes), figsize=(size * len(regimes) + 1.0, size * len(kinds)),
+                             squeeze=False)
+    image = None
+    for i, kind in enumerate(kinds):
+        for j, regime in enumerate(regimes):
+            ax = axes[i, j]
+            sub = df[(df["perturbation"] == kind) & (df["regime"] == regime)]
+            m = (sub.groupby(["true_class", "landed_class"])["share"].mean().unstack()
+                 .reindex(index=range(c), columns=range(c)).to_numpy(dtype=float) * PCT)
+            image = ax.imshow(m, vmin=0, vmax=100, cmap="viridis", interpolation="nearest")
+            if c <= 10:
+                for (r, k), v in np.ndenumerate(m):
+                    if np.isfinite(v) and v >= 0.5:
+                        ax.text(k, r, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                                color="white" if v < 60 else "black")
+            ticks = np.arange(c) if c <= 20 else np.arange(0, c, 10)
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(labelsize=7)
+            ax.grid(False)
+            ax.set_xlabel("class of the nearest clean mean")
+            ax.set_ylabel("true class")
+            own = float(np.nanmean(np.diag(m))) if np.isfinite(m).any() else float("nan")
+            ax.set_title(f"{regime_label(regime)}\n{PERTURBATION_LABELS[kind]}\n(diagonal mean {own:.0f} %)",
+                         fontsize=8)
+    fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the true class (%)")
+    seeds = df["seed"].nunique()
+    fig.suptitle(f"{title} ({seeds} seed(s), mean)", y=1.02, va="bottom", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ simplex projection
+SIMPLEX_KINDS = ("pgd", "targeted")
+SIMPLEX_MARKERS = {"clean": "o", "pgd": "X", "targeted": "^"}
+SIMPLEX_MAX_CLASSES = 10  # C = 100: the first ten classes (their own PCA plane)
+SIMPLEX_PER_CLASS = 12  # sampled points per class and kind
+SIMPLEX_SEGMENTS = 2  # clean points per class joined to their perturbed images
+
+
+@dataclass(frozen=True)
+class DumpView:
+    """The train-split groups of one dump that the projection draws (features as float64)."""
+
+    epoch: int
+    num_classes: int
+    groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # kind -> (features, labels, targets)
+
+
+def read_dump_view(path: str | os.PathLike, kinds: tuple[str, ...] = ("clean", *SIMPLEX_KINDS)) -> DumpView:
+    from .io import attrs_dict, open_dump
+
+    with open_dump(path) as f:
+        root = attrs_dict(f)
+        groups = {}
+        for k in kinds:
+            if f"train/{k}" in f:
+                g = f[f"train/{k}"]
+                groups[k] = (g["features"][:].astype(np.float64), g["labels"][:],
+                             g["targets"][:] if "targets" in g else None)
+        return DumpView(int(root["epoch"]), int(root["num_classes"]), groups)
+
+
+def simplex_plane(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (D,) and the two principal axes (2, D) of the centred class means (rows of ``means``)."""
+    centre = means.mean(axis=0)
+    _, _, vt = np.linalg.svd(means - centre, full_matrices=False)
+    axes = vt[:2]
+    if axes.shape[0] < 2:  # one or two classes: pad with a zero axis
+        axes = np.vstack([axes, np.zeros((2 - axes.shape[0], means.shape[1]))])
+    return centre, axes
+
+
+def _sample(labels: np.ndarray, classes: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    idx = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    return np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+
+
+def _draw_simplex_panel(ax: plt.Axes, view: DumpView, kind: str, classes: np.ndarray, colours: list) -> None:
+    from . import leap
+
+    h, y, _ = view.groups["clean"]
+    means_all = np.stack([h[y == c].mean(axis=0) if (y == c).any() else np.full(h.shape[1], np.nan)
+                          for c in range(view.num_classes)])
+    centre, axes2 = simplex_plane(means_all[classes])
+
+    def proj(x: np.ndarray) -> np.ndarray:
+        return (x - centre) @ axes2.T
+
+    rng = np.random.default_rng(0)
+    pick = _sample(y, classes, SIMPLEX_PER_CLASS, rng)
+    hp, yp, tp = view.groups[kind]
+    colour_of = {int(c): colours[i] for i, c in enumerate(classes)}
+    pc, pp = proj(h[pick]), proj(hp[pick])
+    col = [colour_of[int(v)] for v in y[pick]]
+    # segments first (under the points): clean point -> its perturbed image (same image, same row)
+    for c in classes:
+        rows = np.flatnonzero(y[pick] == c)[:SIMPLEX_SEGMENTS]
+        for r in rows:
+            ax.plot([pc[r, 0], pp[r, 0]], [pc[r, 1], pp[r, 1]], color=colour_of[int(c)], lw=0.7, alpha=0.8,
+                    zorder=1)
+    ax.scatter(pc[:, 0], pc[:, 1], c=col, marker=SIMPLEX_MARKERS["clean"], s=10, alpha=0.35, linewidths=0,
+               zorder=2)
+    ax.scatter(pp[:, 0], pp[:, 1], c=col, marker=SIMPLEX_MARKERS[kind], s=22, alpha=0.9, linewidths=0.3,
+               edgecolors="black", zorder=3)
+    # the perturbed data's own class means (by true label): aligned with the clean ones = a second simplex
+    pm = np.stack([hp[yp == c].mean(axis=0) for c in classes])
+    mp, pmp = proj(means_all[classes]), proj(pm)
+    for i in range(len(classes)):
+        ax.plot([mp[i, 0], pmp[i, 0]], [mp[i, 1], pmp[i, 1]], color="black", lw=0.6, ls=":", zorder=4)
+    ax.scatter(pmp[:, 0], pmp[:, 1], facecolors="white", edgecolors=colours[: len(classes)], marker="D", s=45,
+               linewidths=1.5, zorder=5)
+    ax.scatter(mp[:, 0], mp[:, 1], c=colours[: len(classes)], marker="*", s=230, edgecolors="black",
+               linewidths=0.8, zorder=6)
+    for i, c in enumerate(classes):
+        ax.annotate(str(int(c)), mp[i], xytext=(5, 5), textcoords="offset points", fontsize=8, weight="bold",
+                    zorder=7)
+    shares = leap.leap_shares(yp, leap.landing_classes(hp, means_all), tp if kind == "targeted" else None)
+    text = ", ".join(f"{k.removeprefix('leap_share_')} {PCT * v:.0f} %" for k, v in shares.items())
+    ax.set_title(f"epoch {view.epoch}: clean and {PERTURBATION_LABELS[kind]}\nnearest clean mean: {text}",
+                 fontsize=8)
+    ax.set_xlabel("PC 1 of the centred clean class means")
+    ax.set_ylabel("PC 2")
+    ax.set_aspect("equal", adjustable="datalim")
+
+
+def draw_simplex(views: list[DumpView], sel: dict[str, str]) -> plt.Figure:
+    """Rows: the checkpoints (first, final); columns: PGD and targeted PGD, each over the clean data."""
+    title = _title(sel, "Simplex projection of train features (class means and a sample per class)")
+    views = [v for v in views if "clean" in v.groups]
+    kinds = [k for k in SIMPLEX_KINDS if all(k in v.groups for v in views)]
+    if not views or not kinds:
+        return empty_figure(title)
+    c = views[0].num_classes
+    classes = np.arange(min(c, SIMPLEX_MAX_CLASSES))
+    colours = sns.color_palette("tab10" if len(classes) <= 10 else "tab20", len(classes))
+    fig, axes = plt.subplots(len(views), len(kinds), figsize=(5.2 * len(kinds), 4.8 * len(views)),
+                             squeeze=False)
+    for i, view in enumerate(views):
+        for j, kind in enumerate(kinds):
+            _draw_simplex_panel(axes[i, j], view, kind, classes, colours)
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], ls="", marker="*", ms=12, color="grey", mec="black",
+               label="clean class mean (vertex)"),
+        Line2D([], [], ls="", marker="D", ms=6, mfc="white", mec="grey", mew=1.5,
+               label="perturbed class mean (true label)"),
+        Line2D([], [], ls="", marker="o", ms=4, color="grey", alpha=0.5, label="clean sample"),
+        *[Line2D([], [], ls="", marker=SIMPLEX_MARKERS[k], ms=6, color="grey", mec="black",
+                 label=PERTURBATION_LABELS[k]) for k in kinds],
+        Line2D([], [], color="grey", lw=0.7, label="clean point → its perturbed image"),
+    ]
+    subset = "" if len(classes) == c else f"; classes 0–{len(classes) - 1} of {c}"
+    return finish(fig, f"{title}\ncolour = true class{subset}", handles, [h.get_label() for h in handles])
+
+
+def _draw_simplex_family(tables: dict[str, Any], sel: dict[str, str]) -> plt.Figure:
+    return draw_simplex([read_dump_view(p) for p in tables["features"]], sel)
+
+
+def draw_simplex_files(dumps: list[str], stem: str, outdir: str, formats: list[str], dpi: int = 150,
+                       context: str = "paper") -> list[str]:
+    """The simplex_projection figure ``stem`` from its feature dumps (first and final checkpoint)."""
+    sns.set_theme(context=context, style="whitegrid")
+    fig = _draw_simplex_family({"features": dumps}, parse_stem("simplex_projection", stem))
+    return save(fig, str(Path(outdir) / stem), formats, dpi)
+
+
 # ------------------------------------------------------------------------------------------- registry
 Draw = Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]
 
@@ -493,6 +731,8 @@ DRAW: dict[str, Draw] = {
         LAYERWISE_NCC, "NCC accuracy (%)", "Layerwise NCC accuracy on train data, final epoch", PCT
     ),
     "training_curves": _draw_training,
+    "simplex_projection": _draw_simplex_family,
+    "leap_matrix": _draw_leap_matrix,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from .specs import (
     Optim,
     RuntimeSpec,
     Storage,
+    TargetedBudget,
     Threat,
     TradesSpec,
     TrainSpec,
@@ -48,8 +50,20 @@ def method_of(regime: str) -> str:
     return regime.split("_", 1)[0]
 
 
-# How figures and tables name the training methods (in this order), defined once.
-METHOD_LABELS = {"st": "ST", "at": "AT (PGD)", "trades": "TRADES"}
+# How figures and tables name the training methods (in this order), norms and regimes: defined once.
+METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES"}
+TRAIN_ATTACK = {"at": "PGD ", "trades": "KL-PGD "}  # the inner attack each robust method trains against
+NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
+
+
+def regime_label(regime: str) -> str:
+    """The one reader-facing name of a regime id: 'st' -> 'ST', 'at_linf32' -> 'AT, PGD ℓ∞ 32/255'."""
+    method, _, train_threat = regime.partition("_")
+    label = METHOD_LABELS.get(method, method)
+    m = re.fullmatch(r"(linf|l2)([0-9.]+)", train_threat)
+    if m is None:
+        return f"{label} [{train_threat}]" if train_threat else label
+    return f"{label}, {TRAIN_ATTACK.get(method, '')}{NORM_LABELS[m.group(1)]} {m.group(2)}/255"
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ def threat_spec(config: dict[str, Any], norm: str, eps: str) -> Threat:
 
 def features_spec_of(config: dict[str, Any], wildcards: Any) -> FeaturesSpec:
     a = config["attack"]
+    budget = TargetedBudget.from_dict(a["targeted"], "attack.targeted")
     return FeaturesSpec(
         data=data_spec(config, wildcards["dataset"]),
         threat=threat_spec(config, wildcards["norm"], wildcards["eps"]),
@@ -161,6 +176,7 @@ def features_spec_of(config: dict[str, Any], wildcards: Any) -> FeaturesSpec:
         batch_size=a["batch_size"],
         storage=Storage.from_dict(config["features"], "features"),
         runtime=runtime_spec(config),
+        targeted=None if budget.is_identity() else budget,
     )
 
 
@@ -171,7 +187,7 @@ def features_spec(config: dict[str, Any], wildcards: Any) -> str:
 def layerwise_spec_of(config: dict[str, Any], wildcards: Any) -> LayerwiseSpec:
     f = features_spec_of(config, wildcards)
     parts = {x.name: getattr(f, x.name) for x in dataclasses.fields(f)}
-    return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",)},
+    return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",), "targeted": None},
                          layerwise=LayerwiseOptions.from_dict(config["layerwise"], "layerwise"),
                          metrics=MetricsOptions.from_dict(config["metrics"], "metrics"))
 

@@ -59,8 +59,9 @@ class Evaluation:
                 "ncpipe_version": __version__, "torch_version": torch.__version__}
 
     def perturb(self, kind: str, x: torch.Tensor, y: torch.Tensor, **kw: Any) -> torch.Tensor:
-        """``attacks.perturb`` of ``kind`` against the prepared model with the spec's threat and generator."""
-        return attacks.perturb(kind, self.net, x, y, **self.threat.attack_kwargs(), generator=self.generator,
+        """``attacks.perturb`` of ``kind`` against the prepared model with the kind's threat and generator."""
+        return attacks.perturb(kind, self.net, x, y, **self.spec.threat_of(kind).attack_kwargs(),
+                               generator=self.generator,
                                amp_dtype=self.amp, **kw)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ seeds, in percent, read at the final epoch from ``results/metrics.csv``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import paths
-from .families import parse_table_stem
+from . import leap, metrics, paths
+from .families import LEAP_KINDS, parse_leap_stem, parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
-from .grid import METHOD_LABELS, method_of
+from .grid import METHOD_LABELS, method_of, regime_id
+from .io import attrs_dict, open_dump
 from .utils import atomic_output
 
 # (column, split, perturbation, metric, header)
@@ -125,8 +127,118 @@ def write_accuracy_tables(
             t.to_csv(tmp, index=False, float_format="%.4g")
         with atomic_output(f"{base}.tex") as tmp:
             Path(tmp).write_text(to_latex(t, **sel))
-        out += [f"{base}.csv", f"{base}.tex"]
+        with atomic_output(f"{base}.html") as tmp:
+            Path(tmp).write_text(to_html(t, f"{sel['dataset']}: final-epoch accuracy (%), {sel['norm']} "
+                                            f"ε = {sel['eps']}/255, mean and s.d. over seeds"))
+        out += [f"{base}.csv", f"{base}.tex", f"{base}.html"]
     return out
+
+
+def to_html(table: pd.DataFrame, title: str) -> str:
+    """A stand-alone HTML page of ``table`` (the report shows HTML inline; CSV is only a download there)."""
+    body = table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
+    style = ("body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
+             "th,td{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd} th{background:#f4f4f4}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
+            f"</head><body><h3>{title}</h3>\n{body}\n</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------- leap table
+LEAP_COLUMNS = ["dataset", "arch", "regime", "method", "seed", "epoch", "norm", "epsilon", "split",
+                "perturbation", "true_class", "landed_class", "count", "share"]
+
+
+def _regime_of(root: dict[str, Any]) -> str:
+    adv = root.get("training_adversary")
+    if isinstance(adv, str):
+        adv = json.loads(adv) if adv not in ("", "null", "none", "None") else None
+    return regime_id(str(root["method"]), adv)
+
+
+def leap_frame(dumps: list[str | os.PathLike], kinds: tuple[str, ...] = LEAP_KINDS) -> pd.DataFrame:
+    """Tidy leap table of ``dumps``: per split and kind, the counts and row shares true -> landing class.
+
+    The landing class is the nearest clean *train* class mean of the dump (``ncpipe.leap``); for the clean
+    kind this is the NCC confusion matrix, the reference against which the perturbed rows show the leap.
+    """
+    rows: list[pd.DataFrame] = []
+    for path in dumps:
+        with open_dump(path) as f:
+            root = attrs_dict(f)
+            c = int(root["num_classes"])
+            means = metrics.class_means(f["train/clean/features"][:], f["train/clean/labels"][:], c)[0]
+            for split in [s for s in ("train", "test") if s in f]:
+                for kind in [k for k in kinds if k in f[split]]:
+                    g = f[f"{split}/{kind}"]
+                    y = g["labels"][:]
+                    landed = leap.landing_classes(g["features"][:], means)
+                    counts = leap.leap_counts(y, landed, c)
+                    share = leap.leap_matrix(y, landed, c)
+                    t, k = np.meshgrid(np.arange(c), np.arange(c), indexing="ij")
+                    rows.append(pd.DataFrame({
+                        "dataset": root["dataset"], "arch": root["arch"], "regime": _regime_of(root),
+                        "method": root["method"], "seed": int(root["seed"]), "epoch": int(root["epoch"]),
+                        "norm": root["norm"], "epsilon": root["epsilon_255"], "split": split,
+                        "perturbation": kind, "true_class": t.ravel(), "landed_class": k.ravel(),
+                        "count": counts.ravel(), "share": share.ravel()}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=LEAP_COLUMNS)
+
+
+def leap_wide(long: pd.DataFrame, split: str = "train") -> pd.DataFrame:
+    """One row per (regime, perturbation, true class), one column per landing class; mean over seeds."""
+    df = long[long["split"] == split]
+    if df.empty:
+        return pd.DataFrame()
+    keys = ["regime", "perturbation", "true_class", "landed_class"]
+    mean = df.groupby(keys, as_index=False)["share"].mean()
+    wide = mean.pivot_table(index=["regime", "perturbation", "true_class"], columns="landed_class",
+                            values="share", dropna=False).reset_index()
+    wide.columns = [f"to_{c}" if isinstance(c, (int, np.integer)) else c for c in wide.columns]
+    order = {m: i for i, m in enumerate(METHOD_LABELS)}
+    kind_order = {k: i for i, k in enumerate(LEAP_KINDS)}
+    wide["_o"] = wide["regime"].map(lambda r: order.get(method_of(r), 9))
+    wide["_k"] = wide["perturbation"].map(lambda k: kind_order.get(k, 9))
+    return wide.sort_values(["_o", "regime", "_k", "true_class"]).drop(columns=["_o", "_k"]).reset_index(
+        drop=True)
+
+
+def leap_latex(wide: pd.DataFrame, sel: dict[str, str]) -> str:
+    """Booktabs table of the train-split leap matrices (percent)."""
+    to = [c for c in wide.columns if str(c).startswith("to_")]
+    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize",
+             r"\begin{tabular}{llr" + "r" * len(to) + "}", r"\toprule",
+             " & ".join(["Regime", "Data", "class", *[c.removeprefix("to_") for c in to]]) + r" \\",
+             r"\midrule"]
+    for _, r in wide.iterrows():
+        cells = ["--" if not np.isfinite(r[c]) else f"{100 * r[c]:.0f}" for c in to]
+        lines.append(" & ".join([str(r["regime"]).replace("_", r"\_"), str(r["perturbation"]),
+                                 str(int(r["true_class"])), *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}",
+              rf"\caption{{{sel['dataset']} / {sel['arch']}, final epoch, train data: share (\%) of the "
+              rf"points of "
+              rf"each true class whose feature is nearest the clean training mean of each class (columns), "
+              rf"under {NORM_TEX.get(sel['norm'], sel['norm'])} $\epsilon = {sel['eps']}/255$.}}",
+              rf"\label{{tab:leap-{sel['dataset']}-{sel['arch']}-{sel['norm']}{sel['eps']}}}",
+              r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def write_leap_tables(dumps: list[str | os.PathLike], stem: str, outdir: str | os.PathLike) -> list[str]:
+    """``<stem>.csv`` (tidy, every split and seed), ``.html`` and ``.tex`` (train, mean over seeds)."""
+    sel = parse_leap_stem(stem)
+    long = leap_frame(dumps)
+    wide = leap_wide(long)
+    base = Path(outdir) / stem
+    with atomic_output(f"{base}.csv") as tmp:
+        long.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_output(f"{base}.tex") as tmp:
+        Path(tmp).write_text(leap_latex(wide, sel))
+    with atomic_output(f"{base}.html") as tmp:
+        Path(tmp).write_text(to_html(wide, f"{sel['dataset']} / {sel['arch']}: leap matrix (share of each "
+                                           f"true "
+                                           f"class landing nearest each clean train class mean), final "
+                                           f"epoch, train data, {sel['norm']} ε = {sel['eps']}/255"))
+    return [f"{base}.csv", f"{base}.tex", f"{base}.html"]
 
 
 # ------------------------------------------------------------------------------------------- training logs

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ncpipe import families, figures, paths, tables
+from ncpipe import families, figures, grid, paths, tables
 from ncpipe.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -144,6 +144,10 @@ def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
         _row(perturbation="targeted", grouping="target", metric="nc1", value=0.5),
         _row(perturbation="pgd", grouping="predicted", metric="nc1", value=0.7),
     ]
+    rows += [_row(perturbation="targeted", grouping=g, metric="accuracy", value=0.5)
+             for g in ("true", "target")]
+    rows += [_row(perturbation="targeted", grouping="true", metric=m, value=0.3)
+             for m in ("leap_share_own", "leap_share_target", "leap_share_other")]
     fig = figures.DRAW["targeted_leap"](
         {"metrics": pd.DataFrame(rows)}, families.parse_stem("targeted_leap", "cifar10__vgg11bn__st__linf8")
     )
@@ -151,8 +155,52 @@ def test_leap_angles_are_drawn_in_degrees_from_target_grouping():
     assert "degrees" in ax.get_ylabel()
     np.testing.assert_allclose(_line(ax, "angle, centred means").get_ydata(), [90.0])
     nc1 = _axis(fig, "NC1")
+    # target and true groupings are one partition: NC1 drawn once, and the legend says so
     np.testing.assert_allclose(_line(nc1, "targeted PGD, by target label").get_ydata(), [0.5])
+    assert not [ln for ln in nc1.get_lines() if ln.get_label() == "targeted PGD, by true label"]
+    assert nc1.get_title() == figures.LEAP_SAME_PARTITION
     np.testing.assert_allclose(_line(nc1, "untargeted PGD, by predicted label").get_ydata(), [0.7])
+    colours = [ln.get_color() for a in fig.axes for ln in a.get_lines() if not ln.get_label().startswith("_")]
+    labels = [ln.get_label() for a in fig.axes for ln in a.get_lines() if not ln.get_label().startswith("_")]
+    by_label = dict(zip(labels, colours, strict=True))
+    assert len(set(by_label.values())) == len(by_label)  # every line its own colour
+    plt.close(fig)
+
+
+def test_regime_labels_are_readable():
+    assert grid.regime_label("st") == "ST"
+    assert grid.regime_label("at_linf32") == "AT, PGD ℓ∞ 32/255"
+    assert grid.regime_label("trades_l2128") == "TRADES, KL-PGD ℓ2 128/255"
+
+
+def test_epoch_ticks_sit_at_the_checkpoints_and_long_runs_get_a_log_axis():
+    rows = [_row(epoch=e, value=1.0 / (e + 1)) for e in (1, 2, 5, 10, 20)]
+    fig = figures.DRAW["nc_vs_epoch"]({"metrics": pd.DataFrame(rows)},
+                                      families.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8"))
+    ax = _axis(fig, "NC1")
+    np.testing.assert_allclose(ax.get_xticks(), [1, 2, 5, 10, 20])
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
+    rows = [_row(epoch=e, value=1.0 / (e + 1)) for e in (0, 10, 100, 400)]
+    fig = figures.DRAW["nc_vs_epoch"]({"metrics": pd.DataFrame(rows)},
+                                      families.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8"))
+    ax = _axis(fig, "NC1")
+    assert ax.get_xscale() == "symlog"
+    np.testing.assert_allclose(ax.get_xticks(), [0, 10, 100, 400])
+    plt.close(fig)
+
+
+def test_nc2_of_the_classifier_is_drawn_beside_nc2_of_the_means():
+    rows = [_row(epoch=e, metric=m, value=v) for e in (1, 2)
+            for m, v in (("nc2_equinorm_means", 0.3), ("nc2_equinorm_weights", 0.1))]
+    rows += [_row(epoch=1, perturbation="pgd", metric="nc2_equinorm_weights", value=0.1)]
+    fig = figures.DRAW["nc_vs_epoch"]({"metrics": pd.DataFrame(rows)},
+                                      families.parse_stem("nc_vs_epoch", "cifar10__vgg11bn__st__linf8"))
+    ax = _axis(fig, "NC2 equinorm")
+    w = _line(ax, figures.CLASSIFIER_LABEL)
+    np.testing.assert_allclose(w.get_ydata(), [0.1, 0.1])
+    assert w.get_linestyle() == "--"
+    np.testing.assert_allclose(_line(ax, "clean").get_ydata(), [0.3, 0.3])
     plt.close(fig)
 
 
@@ -195,7 +243,7 @@ def test_ncc_bars_show_final_epoch_test_accuracy_per_method_in_percent():
     bars = [(np.nanmin(ln.get_ydata()), np.nanmax(ln.get_ydata())) for ln in ax.get_lines()]
     np.testing.assert_allclose(sorted((lo + hi) / 2 for lo, hi in bars), [0.0, 2.0, 38.0, 40.0], atol=1e-9)
     np.testing.assert_allclose([(hi - lo) / 2 for lo, hi in bars], [2 * math.sqrt(2)] * 4)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["ST", "AT (PGD) [linf8]"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ST", "AT, PGD ℓ∞ 8/255"]
     assert "epoch 4" in fig._suptitle.get_text()
     plt.close(fig)
 
@@ -219,7 +267,15 @@ def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
         families.ARCH_THREAT: "cifar10__vgg11bn__linf8",
         families.RUN: "cifar10__vgg11bn__at_linf8",
     }
+    leap_rows = [{"dataset": "cifar10", "arch": "vgg11bn", "regime": r, "method": r.split("_")[0], "seed": 1,
+                  "epoch": 4, "norm": "linf", "epsilon": 8.0, "split": "train", "perturbation": k,
+                  "true_class": t, "landed_class": c, "count": int(t == c), "share": float(t == c)}
+                 for r in ("st", "at_linf8") for k in ("pgd", "targeted") for t in range(3) for c in range(3)]
+    files["leap"] = tmp_path / "leap.csv"
+    pd.DataFrame(leap_rows).to_csv(files["leap"], index=False)
     for fam, f in families.FAMILIES.items():
+        if f.table == "features":  # drawn from feature dumps: tests/test_leap.py
+            continue
         (out,) = figures.draw_family(
             files[f.table], fam, [stems[f.stem]], str(tmp_path / fam), ["png"], dpi=40
         )

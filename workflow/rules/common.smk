@@ -73,11 +73,11 @@ STAGE_MODULES = {
               "utils"],
     "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "session",
                  "extract", "io", "utils"],
-    "metrics": ["config", "metrics", "evaluate", "io", "utils"],
+    "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
                   "session", "io", "utils", "metrics", "layerwise", "grid", "paths"],
-    "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils"],
-    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils"],
+    "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
+    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
 }
 
 

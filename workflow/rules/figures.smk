@@ -4,12 +4,14 @@
 # configured format goes into `snakemake --report` with a caption from workflow/report/<family>.rst.
 # The names come from ncpipe.families (no plotting imports: parsing the workflow loads no matplotlib).
 for _family, _fam in families.FAMILIES.items():
+    if _fam.table == "features":
+        continue  # drawn from the feature dumps themselves (rule figure_simplex_projection)
 
     rule:
         name:
             f"figure_{_family}"
         input:
-            table=families.TABLES[_fam.table],
+            table=families.family_table(_family),
             code=code("figures"),
         output:
             figure_rule_outputs(_family),
@@ -37,8 +39,9 @@ rule accuracy_table:
         table=paths.ALL_METRICS,
         code=code("tables"),
     output:
-        csv=report(
-            families.table_path(families.ACCURACY_STEM, "csv"),
+        csv=families.table_path(families.ACCURACY_STEM, "csv"),
+        html=report(
+            families.table_path(families.ACCURACY_STEM, "html"),
             caption="../report/accuracy_table.rst",
             category="Accuracy table",
             subcategory="{dataset}",
@@ -59,6 +62,63 @@ rule accuracy_table:
         "../envs/ncpipe.yaml"
     shell:
         "ncpipe tables --table {input.table:q} --outdir {params.outdir:q} {params.stem:q} > {log:q} 2>&1"
+
+
+# The leap table: true class -> class of the nearest clean train mean of the perturbed feature, final checkpoint,
+# every regime and seed of one (dataset, arch, threat); the leap_matrix figures read its CSV.
+rule leap_table:
+    input:
+        dumps=lambda wc: families.leap_dumps(config, wc),
+        code=code("tables"),
+    output:
+        csv=families.table_path(families.LEAP_STEM, "csv"),
+        html=report(
+            families.table_path(families.LEAP_STEM, "html"),
+            caption="../report/leap_table.rst",
+            category="Leap matrix",
+            subcategory="{dataset} / {arch}",
+            labels={"dataset": "{dataset}", "architecture": "{arch}", "evaluation threat": "{norm} {eps}/255"},
+        ),
+        tex=families.table_path(families.LEAP_STEM, "tex"),
+    params:
+        outdir=lambda wc, output: os.path.dirname(output.csv),
+        stem=lambda wc: families.LEAP_STEM.format(**dict(wc.items())),
+    log:
+        paths.log("tables", f"{paths.TABLE_DIR}/{families.LEAP_STEM}"),
+    benchmark:
+        paths.benchmark("tables", f"{paths.TABLE_DIR}/{families.LEAP_STEM}")
+    threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "ncpipe leap-table --outdir {params.outdir:q} --stem {params.stem:q} {input.dumps:q} > {log:q} 2>&1"
+
+
+# The simplex picture: class means and sampled features of the first and final checkpoint, from their dumps.
+rule figure_simplex_projection:
+    input:
+        dumps=lambda wc: families.simplex_dumps(config, wc),
+        code=code("figures"),
+    output:
+        figure_rule_outputs("simplex_projection"),
+    params:
+        spec=grid.figures_spec(config),
+        outdir=lambda wc, output: os.path.dirname(output[0]),
+        stem=lambda wc: families.FAMILIES["simplex_projection"].stem.format(**dict(wc.items())),
+    log:
+        paths.log("figures", f"{paths.FIGURE_DIR}/simplex_projection/{families.FAMILIES['simplex_projection'].stem}"),
+    benchmark:
+        paths.benchmark("figures", f"{paths.FIGURE_DIR}/simplex_projection/{families.FAMILIES['simplex_projection'].stem}")
+    threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "ncpipe simplex-figure --outdir {params.outdir:q} --spec {params.spec:q} --stem {params.stem:q}"
+        " {input.dumps:q} > {log:q} 2>&1"
 
 
 # The per-run training logs with their run identity in one table, for the training-curve figures.
