@@ -118,7 +118,9 @@ def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
     assert "train" not in counts and "train_logs" not in counts, counts
     # the rest hangs off the aggregated table (figures of every epsilon read it); the training-log figure not
     downstream = {"aggregate", "accuracy_table", "figures", "all"} | FIGURES_OF_METRICS
-    assert set(counts) - PER_CELL <= downstream, counts
+    # the new threat's own leap table and feature-reading figures are new targets, one each
+    per_threat = {"leap_table", "figure_leap_matrix", "figure_simplex_projection"}
+    assert set(counts) - PER_CELL <= downstream | per_threat, counts
     assert counts["aggregate"] == 1
     assert "figure_training_curves" not in counts
 
