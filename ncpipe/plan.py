@@ -97,18 +97,23 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     produced = {families.TABLES["metrics"], families.TABLES["train_logs"]}
     if layerwise:
         produced.add(families.TABLES["layerwise"])
+    kept = set(grid.kept_dump_epochs(config))
+    cells = grid.cells(config)
     n = {
         "train": len(grid.runs(config)),
-        "features": len(grid.cells(config)),
+        "features": sum(1 for c in cells if c.epoch in kept),  # features.keep: the kept dumps' rule
+        "features_temp": sum(1 for c in cells if c.epoch not in kept),
         "layerwise": len(grid.cells(config, final_only=True)) if layerwise else 0,
         "train_logs": 1,
         "aggregate_layerwise": int(layerwise),
         "metrics": len(grid.cells(config)),
         "aggregate": 1,
         "accuracy_table": len(families.table_stems(config)),
+        "leap_table": len(families.leap_table_stems(config)),
     }
     for fam, f in families.FAMILIES.items():
-        if families.TABLES[f.table] in produced:
+        # families drawn from the dumps or the leap table (not an aggregated table) are always made
+        if f.table not in families.TABLES or families.TABLES[f.table] in produced:
             n[f"figure_{fam}"] = len(families.figure_stems(config, fam))
     n["figures"] = n["all"] = 1
     return {k: v for k, v in n.items() if v}
@@ -178,12 +183,23 @@ class Artifact:
         return int(round(self.kept * self.bytes_per_file))
 
 
+RECORDED = "recorded adversarial features (epoch{E}.adv.pt)"
+
+
 def retention(config: dict[str, Any], kind: str) -> tuple[set[int] | None, str]:
     """(epochs whose files of ``kind`` are kept, or None for all; the policy in words).
 
-    Every artifact of every kind is kept today (nothing is deleted automatically); a retention policy, such as
-    one for feature dumps (``features.keep``), is plugged in here and the forecast follows.
+    Feature dumps follow ``features.keep`` (the others are Snakemake temp() outputs, removed once read;
+    re-made by re-attacking their checkpoint when needed again).  Every other kind is kept: checkpoints and
+    recorded adversarial features can only be made again by retraining and are never deleted automatically.
     """
+    if kind == "feature dumps":
+        keep = config["features"]["keep"]
+        kept = set(grid.kept_dump_epochs(config))
+        if keep == "all":
+            return None, "all kept"
+        words = "final kept" if keep == "final" else f"kept at epochs {sorted(kept)}"
+        return kept, f"{words}, others temporary (features.keep)"
     return None, "all kept"
 
 
@@ -208,6 +224,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
                                                           int(lw.get("pool", 0)))
     epochs = sorted(config["train"]["checkpoints"])
     record = bool(config["train"]["record_adversarial"])
+    rdtype = config["train"]["record_dtype"]
     acc: dict[str, list[float]] = {}  # kind -> [files, kept, bytes kept]
 
     def add(kind: str, files: list[int], nbytes: float) -> None:
@@ -222,8 +239,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         add("checkpoints", epochs, sh.checkpoint_bytes)
         if run.method != "st" and record:
-            add("recorded adversarial features (in checkpoints)", epochs,
-                n["train"] * (sh.feature_dim * 4 + _INT64))
+            add(RECORDED, epochs, n["train"] * (sh.feature_dim * _DTYPE_BYTES[rdtype] + _INT64))
     for cell in grid.cells(config):
         run = cell.run
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
@@ -250,7 +266,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
     out = []
     for kind, (files, kept, nbytes) in acc.items():
         dtype = {"checkpoints": "float32 (state dict)", "metrics tables": "CSV"}.get(
-            kind, "float32" if kind.startswith("recorded") else fdtype)
+            kind, rdtype if kind == RECORDED else fdtype)
         out.append(Artifact(kind, int(files), int(kept), nbytes / kept if kept else 0.0, dtype,
                             retention(config, kind)[1]))
     return out

@@ -111,7 +111,7 @@ def test_ncpipe_plan_json_counts_the_dry_runs_jobs():
     kinds = res["storage"]
     assert res["storage_bytes"] == sum(a["bytes"] for a in kinds.values())
     assert {"checkpoints", "feature dumps", "layerwise dumps", "metrics tables",
-            "recorded adversarial features (in checkpoints)"} == set(kinds)
+            plan.RECORDED} == set(kinds)
     assert kinds["feature dumps"]["dtype"] == "float32" and kinds["checkpoints"]["files"] == 36 * 68
 
 
@@ -124,13 +124,13 @@ def test_storage_follows_the_config():
     assert n == {"train": 500, "test": 200}
     assert base["checkpoints"].bytes == 3 * 5 * sh.checkpoint_bytes
     # AT and TRADES record 500 training examples' features (float32) and predictions per checkpoint
-    recorded = base["recorded adversarial features (in checkpoints)"]
+    recorded = base[plan.RECORDED]
     assert recorded.bytes == 2 * 5 * 500 * (sh.feature_dim * 4 + 8)
     c16 = load_config(ROOT / "config" / "config.yaml")
     c16["features"]["dtype"] = "float16"
     c16["train"]["record_adversarial"] = False
     half = {a.kind: a for a in plan.storage(c16)}
-    assert "recorded adversarial features (in checkpoints)" not in half
+    assert plan.RECORDED not in half
     assert half["feature dumps"].bytes < 0.6 * base["feature dumps"].bytes
     # 20 epochs x 500 images x (ST 1, AT 4 PGD steps + the update, TRADES 4 steps + the two-branch loss)
     assert plan.passes(c)["train"]["backward"] == 20 * 500 * (1 + (4 + 1) + (4 + 2))
