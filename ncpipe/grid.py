@@ -166,16 +166,6 @@ def storage_spec(config: dict[str, Any]) -> Storage:
     return Storage.from_dict({k: v for k, v in config["features"].items() if k != "keep"}, "features")
 
 
-def kept_dump_epochs(config: dict[str, Any]) -> list[int]:
-    """The checkpoint epochs whose feature dumps stay on disk (``features.keep``); the rest are temporary."""
-    keep, epochs = config["features"]["keep"], sorted(config["train"]["checkpoints"])
-    if keep == "all":
-        return epochs
-    if keep == "final":
-        return [epochs[-1]]
-    return sorted(set(keep) & set(epochs))
-
-
 def threat_spec(config: dict[str, Any], norm: str, eps: str) -> Threat:
     t = config["attack"]["threats"][norm]
     return Threat(norm=norm, epsilon=float(eps), step=t["step"], steps=t["steps"],

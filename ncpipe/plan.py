@@ -97,7 +97,7 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     produced = {families.TABLES["metrics"], families.TABLES["train_logs"]}
     if layerwise:
         produced.add(families.TABLES["layerwise"])
-    kept = set(grid.kept_dump_epochs(config))
+    kept = set(families.kept_dump_epochs(config))
     cells = grid.cells(config)
     n = {
         "train": len(grid.runs(config)),
@@ -126,7 +126,8 @@ def _train_passes_per_image(config: dict[str, Any], method: str) -> tuple[int, i
     if method == "st":
         return 1, 1
     if method == "at":  # PGD steps, the update on the adversarial batch, a clean forward for the logs
-        return steps + 2, steps + 1
+        final = int(bool(config["train"]["at_final_pass"]) and config["train"]["at_attack_mode"] == "train")
+        return steps + 2 + final, steps + 1  # + the authors' unused objective pass (train.at_final_pass)
     # TRADES: the clean target, the KL-PGD steps, the loss's clean and adversarial passes
     return steps + 3, steps + 2
 
@@ -195,7 +196,7 @@ def retention(config: dict[str, Any], kind: str) -> tuple[set[int] | None, str]:
     """
     if kind == "feature dumps":
         keep = config["features"]["keep"]
-        kept = set(grid.kept_dump_epochs(config))
+        kept = set(families.kept_dump_epochs(config))
         if keep == "all":
             return None, "all kept"
         words = "final kept" if keep == "final" else f"kept at epochs {sorted(kept)}"

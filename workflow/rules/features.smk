@@ -2,7 +2,7 @@
 # features_temp, the same job): Snakemake removes each once every rule reading it (metrics, leap table, simplex
 # figure) is done, and a later run that needs one again re-attacks its checkpoint (checkpoints are never temp).
 # The epoch constraints split the cells between the two rules, so every dump has exactly one producer.
-_KEPT_EPOCHS = grid.kept_dump_epochs(config)
+_KEPT_EPOCHS = families.kept_dump_epochs(config)
 _TEMP_EPOCHS = sorted(set(config["train"]["checkpoints"]) - set(_KEPT_EPOCHS))
 
 
