@@ -3,7 +3,8 @@
 One real run of the whole workflow (one 0.1-width VGG, standard training, 3 epochs, 5 images per class, one
 epsilon, clean + PGD on the train split; ``features.keep: final``, so the middle epoch's dump is temporary)
 in a temporary directory holding copies of ``workflow/`` and of the package sources that the rules declare
-as inputs (so editing them here never touches the repository); then one dry run per change, parsed from the per-job listing and the ``Job stats`` table (these are marked slow).
+as inputs (so editing them here never touches the repository); then one dry run per change, parsed from the
+per-job listing and the ``Job stats`` table (these are marked slow).
 A fast static check verifies that each stage declares, as inputs, every package module its code imports.
 """
 
