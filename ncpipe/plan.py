@@ -199,8 +199,7 @@ def retention(config: dict[str, Any], kind: str) -> tuple[set[int] | None, str]:
         kept = set(families.kept_dump_epochs(config))
         if keep == "all":
             return None, "all kept"
-        words = "final kept" if keep == "final" else f"kept at epochs {sorted(kept)}"
-        return kept, f"{words}, others temporary (features.keep)"
+        return kept, f"kept at epochs {sorted(kept)}, others temporary (features.keep: {keep})"
     return None, "all kept"
 
 

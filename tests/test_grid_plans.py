@@ -148,7 +148,8 @@ def test_storage_follows_the_config():
     c16["features"]["keep"] = "final"
     c16["train"]["record_adversarial"], c16["train"]["record_dtype"] = True, "float16"
     final = {a.kind: a for a in plan.storage(c16)}
-    assert final["feature dumps"].kept == 3 and final["feature dumps"].files == 15
+    # the final dumps and the first ones, which the simplex figure reads
+    assert final["feature dumps"].kept == 3 * 2 and final["feature dumps"].files == 15
     assert final[plan.RECORDED].bytes == 2 * 5 * 500 * (sh.feature_dim * 2 + 8)
     assert plan.passes(c)["train"]["backward"] == 20 * 500 * (1 + (4 + 1) + (4 + 2))
 
@@ -165,4 +166,4 @@ def test_plan_of_a_bad_config_names_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'methods[1]'" in err and "'sgd'" in err and "['st', 'at', 'trades']" in err
     main(["plan", "--configfile", str(ROOT / "config" / "config.yaml")])
-    assert "total                               60" in capsys.readouterr().out
+    assert "total                               65" in capsys.readouterr().out  # = the dry run

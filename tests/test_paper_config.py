@@ -67,8 +67,10 @@ def test_l2_and_imagenette_grids():
     # everything but the threat is the main grid's
     for key in ("datasets", "archs", "methods", "seeds"):
         assert l2[key] == main[key]
-    assert {k: v for k, v in l2["train"].items() if k != "adversary"} == {
-        k: v for k, v in main["train"].items() if k != "adversary"
+    # ... but the threat and the authors' l_2 TRADES step 2 * 128 / 10 (l_inf: --pgd-alpha, 2)
+    assert l2["train"]["trades_step"] == 25.6 and main["train"]["trades_step"] == 2
+    assert {k: v for k, v in l2["train"].items() if k not in ("adversary", "trades_step")} == {
+        k: v for k, v in main["train"].items() if k not in ("adversary", "trades_step")
     }
     im = paper("imagenette")
     assert im["datasets"] == ["imagenette"] and len(grid.runs(im)) == 18
