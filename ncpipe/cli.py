@@ -18,6 +18,9 @@ from .utils import set_threads, setup_logging
 
 log = logging.getLogger("ncpipe")
 
+# The stages that compute with torch; the others never import it (a torch import is ~2 s of a small job).
+TORCH_STAGES = frozenset({"train", "features", "layerwise", "inspect"})
+
 
 def _spec(s: str) -> dict:
     return json.loads(Path(s[1:]).read_text()) if s.startswith("@") else json.loads(s)
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    set_threads(args.threads)
+    set_threads(args.threads, load_torch=args.command in TORCH_STAGES)
     try:
         args.fn(args)
     except Exception as err:
