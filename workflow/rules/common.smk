@@ -70,12 +70,12 @@ wildcard_constraints:
 # (small inputs are checksum-compared, so a bare `touch` reruns nothing).
 STAGE_MODULES = {
     "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
-              "utils"],
+              "utils", "progress", "grid", "paths"],
     "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "session",
-                 "extract", "io", "utils"],
+                 "extract", "io", "utils", "progress", "grid", "paths"],
     "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths"],
+                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress"],
     "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
     "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
 }
