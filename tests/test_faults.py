@@ -228,17 +228,19 @@ def test_a_flipped_bit_in_any_dataset_of_a_layerwise_file_is_refused(tiny_layerw
         assert all(f[n].fletcher32 for n in names)
     kinds = {n.rsplit("/", 1)[1] for n in names}
     assert kinds == {"features", "labels", "indices"}
-    for name in names:
+    names.sort(key=lambda n: (n.rsplit("/", 1)[1] != "labels", n.rsplit("/", 1)[1] != "indices", n))
+    for i, name in enumerate(names):
         bad = tmp_path / "lw.h5"
         shutil.copyfile(tiny_layerwise, bad)
         flip_stored_bit(bad, name)
         _, layer, kind, _ = name.split("/")
         with pytest.raises(io.DumpError, match=f"/{name}.*{FIX}"):
             io.load_layer(bad, layer, kind)
-        with pytest.raises(io.DumpError, match=f"/{name}"):
-            io.to_xarray(bad)
-        code, _, err = cli(capsys, "inspect", bad)
-        assert code == 2 and f"/{name}" in err
+        if i < 3:  # every reader goes through the same open_dump; one of each kind suffices
+            with pytest.raises(io.DumpError, match=f"/{name}"):
+                io.to_xarray(bad)
+            code, _, err = cli(capsys, "inspect", bad)
+            assert code == 2 and f"/{name}" in err
     code, _, _ = cli(capsys, "inspect", tiny_layerwise)
     assert code == 0
 
@@ -501,12 +503,12 @@ def test_the_code_digest_follows_the_train_stages_modules(tmp_path):
 def test_a_second_trainer_of_one_cell_refuses_while_the_first_lives(trained, tmp_path, capsys,
                                                                     torch_global_state):
     """A real first trainer (a subprocess), a second one in this process; then the first is killed."""
-    spec = tiny_train_spec(epochs=60, checkpoints=[60])
+    spec = tiny_train_spec(epochs=30, checkpoints=[30])
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     resume = tmp_path / ".resume"
     args = ["train", "--spec", f"@{spec_file}", "--log-csv", str(tmp_path / "log.csv"), "--resume-dir",
-            str(resume), str(tmp_path / "epoch60.pt")]
+            str(resume), str(tmp_path / "epoch30.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "-m", "ncpipe", "--threads", "1", *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -516,7 +518,7 @@ def test_a_second_trainer_of_one_cell_refuses_while_the_first_lives(trained, tmp
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(BusyError, match=rf"PID {first.pid} on {socket.gethostname()}"):
-            run_training(spec, {60: str(tmp_path / "epoch60.pt")}, str(tmp_path / "log.csv"), str(resume))
+            run_training(spec, {30: str(tmp_path / "epoch30.pt")}, str(tmp_path / "log.csv"), str(resume))
         code, _, err = cli(capsys, *args)
         assert code == EXIT_BUSY
         assert_one_error_line(err, "already running", f"PID {first.pid}", "trainer.lock")
@@ -528,9 +530,9 @@ def test_a_second_trainer_of_one_cell_refuses_while_the_first_lives(trained, tmp
     assert (resume / "trainer.lock").exists()
     main(args)
     fresh = tmp_path / "fresh"
-    run_training(spec, {60: str(fresh / "epoch60.pt")}, str(fresh / "log.csv"), str(fresh / ".resume"),
+    run_training(spec, {30: str(fresh / "epoch30.pt")}, str(fresh / "log.csv"), str(fresh / ".resume"),
                  code_digest=code_digest("train"))
-    assert_same_run({60: str(tmp_path / "epoch60.pt")}, {60: str(fresh / "epoch60.pt")})
+    assert_same_run({30: str(tmp_path / "epoch30.pt")}, {30: str(fresh / "epoch30.pt")})
     assert not resume.exists()
 
 
