@@ -260,6 +260,18 @@ def test_metrics_on_a_layerwise_file_and_a_contradicting_regime_are_refused(tiny
     assert code == 0
 
 
+def test_layerwise_with_a_contradicting_regime_is_refused(tiny_dump, tmp_path, capsys):
+    from tiny_dump import WILDCARDS, tiny_config
+
+    spec = grid.layerwise_spec(tiny_config(), WILDCARDS)
+    out = {"--out-csv": tmp_path / "l.csv", "--out-h5": tmp_path / "l.h5"}
+    code, _, err = cli(capsys, "layerwise", "--spec", spec, "--checkpoint", tiny_dump["checkpoint"],
+                       "--regime", "at_linf64", *(x for kv in out.items() for x in kv))
+    assert code == EXIT_USAGE
+    assert_one_error_line(err, "--regime at_linf64 contradicts", "trained as st")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------- tables
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Any]:
