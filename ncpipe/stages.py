@@ -16,12 +16,12 @@ from .utils import module_digest
 
 STAGE_MODULES: dict[str, list[str]] = {
     "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
-              "utils"],
+              "utils", "progress", "grid", "paths"],
     "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                 "session", "extract", "io", "utils"],
+                 "session", "extract", "io", "utils", "progress", "grid", "paths"],
     "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths"],
+                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress"],
     "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
     "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
 }

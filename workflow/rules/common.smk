@@ -103,6 +103,23 @@ def figure_rule_outputs(family):
     return out
 
 
+def family_figure_outputs(family):
+    """Every file of a one-job family (each figure in every format); the first format of each goes into the
+    report, labelled from its stem (the rule has no wildcards)."""
+    fam = families.FAMILIES[family]
+    keys = [k for k in REPORT_LABELS if k in families.stem_keys(family)]
+    out = []
+    for stem in families.figure_stems(config, family):
+        w = families.parse_stem(family, stem)
+        sub = " / ".join(w[k] for k in ("dataset", "arch") if k in keys)
+        labels = {REPORT_LABELS[k][0]: REPORT_LABELS[k][1].format(**w) for k in keys}
+        for i, ext in enumerate(config["figures"]["formats"]):
+            path = families.figure_path(family, stem, ext)
+            out.append(report(path, caption=f"../report/{family}.rst", category=fam.category,
+                              subcategory=sub, labels=labels) if i == 0 else path)
+    return out
+
+
 def figure_outputs():
     # only families whose input table some rule makes (the layerwise table comes with the layerwise rules)
     produced = {str(o) for r in workflow.rules for o in r.output}
