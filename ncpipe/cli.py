@@ -3,6 +3,13 @@
 Rules call these through ``shell:``; Snakemake tracks the rule text, and the stage's modules are declared as
 rule inputs, so a content change to the code reruns exactly the stages that use it (a bare ``touch`` does
 not).
+
+Exit statuses (README, "When something goes wrong"): 0 success; 1 an unexpected error (a bug: traceback) or
+``inspect --verify`` found a mismatch; 2 a missing, truncated or corrupted input file; 3 a readable input that
+the request does not apply to; 4 an invalid configuration, spec or argument; 5 an output that cannot be
+written (disk full, read-only, permission); 6 another trainer of the same cell is running; 7 training
+diverged.  Known errors print one ``ERROR`` line and no traceback (set ``NCPIPE_DEBUG=1`` or pass
+``--debug`` for one).
 """
 
 from __future__ import annotations
@@ -27,22 +34,24 @@ def _spec(s: str) -> dict:
 
 
 def _write_csv(df, out: str) -> None:
-    """Write a table atomically: a killed job never leaves a half-written CSV under its final name."""
-    from .utils import atomic_output
+    """Write a table atomically, with the digest sidecar its readers check (``utils.write_csv_verified``)."""
+    from .utils import write_csv_verified
 
-    with atomic_output(out) as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv_verified(df, out)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     from .specs import TrainSpec
+    from .stages import code_digest
     from .train import run_training
+    from .utils import UsageError
 
     spec = TrainSpec.from_dict(_spec(a.spec), "--spec")
     epochs = list(spec.checkpoints)
     if len(epochs) != len(a.checkpoints):
-        raise SystemExit(f"got {len(a.checkpoints)} checkpoint paths for checkpoint epochs {epochs}")
-    run_training(spec, dict(zip(epochs, a.checkpoints, strict=True)), a.log_csv, a.resume_dir)
+        raise UsageError(f"got {len(a.checkpoints)} checkpoint paths for checkpoint epochs {epochs}")
+    run_training(spec, dict(zip(epochs, a.checkpoints, strict=True)), a.log_csv, a.resume_dir,
+                 code_digest=code_digest("train"))
 
 
 def cmd_features(a: argparse.Namespace) -> None:
@@ -173,14 +182,57 @@ def cmd_plan(a: argparse.Namespace) -> None:
     print(to_json({"configfile": a.configfile, **p}) if a.json else format_plan(p, a.configfile), flush=True)
 
 
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_SUPPORTED = 3
+EXIT_USAGE = 4
+EXIT_CANNOT_WRITE = 5
+EXIT_BUSY = 6
+EXIT_DIVERGED = 7
+
+
+def _known_errors() -> list[tuple[type[BaseException], int]]:
+    """User-facing error classes and their exit statuses, most specific first (imported lazily: the
+    bookkeeping commands must not pay for torch)."""
+    from .config import ConfigError
+    from .io import DumpError, NotSupportedError
+    from .specs import SpecError
+    from .utils import ArtifactError, BusyError, OutputError, UsageError
+
+    known: list[tuple[type[BaseException], int]] = [
+        (NotSupportedError, EXIT_NOT_SUPPORTED), (DumpError, EXIT_BAD_INPUT), (ArtifactError, EXIT_BAD_INPUT),
+        (OutputError, EXIT_CANNOT_WRITE), (BusyError, EXIT_BUSY), (ConfigError, EXIT_USAGE),
+        (SpecError, EXIT_USAGE), (UsageError, EXIT_USAGE), (FileNotFoundError, EXIT_BAD_INPUT),
+        (IsADirectoryError, EXIT_BAD_INPUT), (json.JSONDecodeError, EXIT_USAGE),
+    ]
+    # only a loaded module can have raised its error class
+    if "ncpipe.checkpoint" in sys.modules:
+        from .checkpoint import CorruptCheckpointError
+
+        known.insert(0, (CorruptCheckpointError, EXIT_BAD_INPUT))
+    if "ncpipe.train" in sys.modules:
+        from .train import TrainingDivergedError
+
+        known.insert(0, (TrainingDivergedError, EXIT_DIVERGED))
+    return known
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ncpipe", description=__doc__)
+    p = _Parser(prog="ncpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (Snakemake's threads:)")
+    p.add_argument("--debug", action="store_true",
+                   help="print a traceback for every error (also: environment NCPIPE_DEBUG=1)")
     p.add_argument("--gpus", type=int, default=0,
                    help="GPUs the job was scheduled with (the rule's resources.gpu); inside a SLURM job a "
                         "torch stage that then sees no CUDA device exits at start with status 75 "
                         "(EX_TEMPFAIL)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one run and write its checkpoints and log")
     t.add_argument("--spec", required=True, help="JSON spec (or @file)")
@@ -299,13 +351,18 @@ def _run_on_device(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, passthrough: tuple[type[BaseException], ...] = ()) -> None:
+    debug = args.debug or os.environ.get("NCPIPE_DEBUG", "") not in ("", "0")
     try:
         args.fn(args)
     except passthrough:
         raise
     except Exception as err:
-        log.error("%s: %s", type(err).__name__, err)
-        raise
+        status = next((code for cls, code in _known_errors() if isinstance(err, cls)), None)
+        if status is None or debug:
+            log.exception("%s: %s", type(err).__name__, err)  # a bug: keep the traceback
+            raise SystemExit(EXIT_BUG if status is None else status) from None
+        log.error("ncpipe %s: %s", args.command, err)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

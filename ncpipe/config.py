@@ -66,7 +66,12 @@ def _describe(err: jsonschema.ValidationError) -> str:
         names = [f"{key}.{k}" if err.absolute_path else k for k in missing]
         return f"config key(s) {names} missing: required, and they have no default"
     if v == "type":
-        return f"config key '{key}': {err.instance!r} has the wrong type; expected {err.validator_value}"
+        msg = f"config key '{key}': {err.instance!r} has the wrong type; expected {err.validator_value}"
+        if isinstance(err.instance, str) and len(list(err.absolute_path)) > 1:
+            # Snakemake's `--config section='{key: value}'` delivers every nested value as a string
+            msg += ("; `snakemake --config` passes values inside a section as strings: put the override in "
+                    "a YAML file and add it with --configfile config/config.yaml override.yaml")
+        return msg
     return f"config key '{key}': {err.message}"
 
 

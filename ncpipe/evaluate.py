@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from . import leap, metrics
-from .io import SPLITS, attrs_dict, open_dump
+from .io import SPLITS, NotSupportedError, attrs_dict, is_layerwise, open_dump
+from .utils import UsageError, read_csv_verified
 
 log = logging.getLogger("ncpipe.evaluate")
 
@@ -58,7 +59,14 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
                   pinv_cutoff: str = "float32") -> pd.DataFrame:
     """All measures of one dump as a tidy table (columns ``COLUMNS``); ``pinv_cutoff``: see metrics."""
     with open_dump(path) as f:
+        if is_layerwise(f):
+            raise NotSupportedError(f"{path} is a layerwise file; its metrics come from the layerwise stage "
+                                    "(layerwise/*.csv); `ncpipe metrics` reads feature dumps")
         root = attrs_dict(f)
+        # the regime id starts with the training method (grid.regime_id: st, at_linf8, trades_l2128, ...)
+        if regime is not None and regime.split("_", 1)[0] != root["method"]:
+            raise UsageError(f"--regime {regime} contradicts {path}, whose checkpoint was trained with "
+                             f"method {root['method']}")
         c = int(root["num_classes"])
         w, b = f["classifier/weight"][:], f["classifier/bias"][:]
         ident = {"dataset": root["dataset"], "arch": root["arch"], "method": root["method"],
@@ -98,6 +106,7 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
 
 
 def aggregate(tables: list[str | os.PathLike]) -> pd.DataFrame:
-    frames = [pd.read_csv(t) for t in tables]
+    """Concatenate per-cell metrics tables, each checked against its digest (``utils.read_csv_verified``)."""
+    frames = [read_csv_verified(t, "metrics table") for t in tables]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return df.sort_values([*ID_COLUMNS, "grouping", "metric"], kind="stable").reset_index(drop=True)

@@ -12,7 +12,7 @@ import torch
 from . import attacks
 from .checkpoint import adversarial_path, load_adversarial_record
 from .data import to_float
-from .io import create_dump, set_attrs, write_matrix
+from .io import create_dump, set_attrs, write_array, write_matrix
 from .progress import Meter, duration, log_header
 from .session import open_evaluation
 from .specs import Adversary, FeaturesSpec, Storage, Threat
@@ -41,7 +41,7 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
                        "batch_size": bs, "checkpoint": checkpoint}, device, spec.runtime, ev.amp, logger=log)
     total = Meter(label, sum(len(ev.data.split(s)[1]) for s in spec.splits) * len(kinds), unit="image",
                   bars=False)
-    with create_dump(out_h5, root) as f:
+    with create_dump(out_h5, root, expected_bytes=_dump_bytes(spec, ev)) as f:
         cls = f.create_group("classifier")
         write_matrix(cls, "weight", ev.model.linear.weight.detach().cpu().numpy(), compression=None)
         write_matrix(cls, "bias", ev.model.linear.bias.detach().cpu().numpy(), compression=None)
@@ -71,9 +71,18 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
                 g = _write_group(f, split, kind, torch.cat(feats).numpy(), lab, torch.cat(preds).numpy(),
                                  params, spec.storage)
                 if kind == "targeted":
-                    g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
+                    write_array(g, "targets", targets_all.cpu().numpy())
             if TRAIN_ADV in spec.kinds and split == "train":
                 _write_train_adv(f, checkpoint, ckpt, threat, lab, spec.storage)
+
+
+def _dump_bytes(spec: FeaturesSpec, ev: Any) -> int:
+    """An upper bound of the dump's size (uncompressed, plus 1 MiB of HDF5 overhead), checked against the
+    free space before writing: HDF5 can crash the process on a full disk instead of raising."""
+    dim = int(ev.model.linear.in_features)
+    item = np.dtype(spec.storage.dtype).itemsize
+    rows = sum(len(ev.data.split(s)[1]) for s in spec.splits) * len(spec.kinds)
+    return rows * (dim * item + 3 * 8) + 4 * dim * (ev.num_classes + 1) + (1 << 20)
 
 
 def _write_group(f: Any, split: str, kind: str, features: np.ndarray, labels: np.ndarray,
@@ -82,8 +91,8 @@ def _write_group(f: Any, split: str, kind: str, features: np.ndarray, labels: np
     g = f.create_group(f"{split}/{kind}")
     write_matrix(g, "features", features, dtype=storage.dtype, compression=storage.compression)
     preds = predictions.astype(np.int64)
-    g.create_dataset("labels", data=labels)
-    g.create_dataset("predictions", data=preds)
+    write_array(g, "labels", labels)
+    write_array(g, "predictions", preds)
     acc = float((preds == labels).mean()) if len(labels) else math.nan
     set_attrs(g, {**attrs, "split": split, "num_samples": len(labels), "accuracy": acc})
     log.info("%s/%s: accuracy %.4f", split, kind, acc)

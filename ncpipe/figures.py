@@ -52,7 +52,7 @@ from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
 from .grid import NORM_LABELS, method_of, regime_label  # noqa: E402
 from .io import KIND_ORDER  # noqa: E402
-from .utils import atomic_output  # noqa: E402
+from .utils import atomic_output, read_csv_verified  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
 
@@ -759,7 +759,8 @@ DRAW: dict[str, Draw] = {
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path)
+    """The input table, checked against its digest sidecar when it has one (every table ncpipe writes)."""
+    return read_csv_verified(path, "table", required=False)
 
 
 def draw_family(

@@ -1,5 +1,10 @@
 """``ncpipe inspect``: a readable (or ``--json``) summary of a feature dump; ``--verify`` checks provenance.
 
+Every inspection reads every stored byte once to check the datasets' Fletcher-32 checksums (the cost of one
+sequential read of the file): a damaged dataset is an unreadable file (exit 2), named with the command that
+regenerates it; ``--verify`` of a dump whose datasets carry no checksum (format < 1.2) says NOT VERIFIED
+(exit 3) rather than vouch for bytes it cannot check.
+
 Two file kinds are recognised by their layout (docs/hdf5-format.md): the per-cell feature dump
 (``/{split}/{kind}/...`` plus ``/classifier``) and the layerwise file (``/layers/{layer}/{kind}/...``).
 """
@@ -19,6 +24,8 @@ from .io import (
     DumpError,
     NotSupportedError,
     attrs_dict,
+    checksum_report,
+    damage_error,
     group_keys,
     kind_sort_key,
     layer_order,
@@ -105,6 +112,10 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
             out["groups"] = [_feature_group(f, s, k, c) for s, k in group_keys(f)]
         else:
             out["groups"] = _layer_groups(f, c)
+        report = checksum_report(f)
+        if report["damaged"]:
+            raise damage_error(p, report["damaged"])
+        out["unchecksummed"] = report["unchecked"]
     return _jsonable(out)
 
 
@@ -176,6 +187,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  {k.ljust(width)}  {json.dumps(a[k]) if isinstance(a[k], dict | list) else a[k]}")
     if isinstance(a.get("config"), dict):
         lines.append(f"  {'config'.ljust(width)}  {json.dumps(a['config'], sort_keys=True)}")
+    unchecked = s.get("unchecksummed")
+    lines += ["", "integrity: NOT CHECKABLE, stored without a checksum (format < 1.2): "
+              f"{', '.join(unchecked)}" if unchecked else
+              "integrity: every dataset passed its Fletcher-32 checksum"]
     if s["kind"] == "features":
         cls = s.get("classifier", {})
         lines += ["", "classifier:"]
@@ -370,24 +385,34 @@ def format_verify(v: dict[str, Any]) -> str:
             lines.append(f"  {mark} {c['check']}: rows {c['rows']}, "
                          f"max relative error {c['max_rel_error']:.2e} (tolerance {c['tolerance']:g})")
     lines += [f"  problem: {p}" for p in v["problems"]]
-    lines.append("  VERIFIED" if v["ok"] else "  VERIFICATION FAILED")
+    lines.append("  VERIFIED" if v["ok"] else "  NOT VERIFIED" if v.get("unverifiable") else
+                 "  VERIFICATION FAILED")
     return "\n".join(lines)
 
 
 def run(path: str, *, as_json: bool = False, verify: bool = False, checkpoint: str | None = None,
         rows: int = 8, data_dir: str | None = None) -> tuple[str, int]:
-    """The text ``ncpipe inspect`` prints and its exit status (``EXIT_OK`` or ``EXIT_VERIFY_FAILED``).
+    """The text ``ncpipe inspect`` prints and its exit status (``EXIT_OK``, ``EXIT_VERIFY_FAILED``, or
+    ``EXIT_NOT_SUPPORTED`` for a ``--verify`` that passed on a file whose datasets carry no checksum).
 
     Raises ``DumpError`` for an unreadable file (``EXIT_UNREADABLE``) and ``NotSupportedError`` for a request
     that does not apply to the file's kind (``EXIT_NOT_SUPPORTED``).
     """
     s = summarize(path)
     v = verify_dump(path, checkpoint, rows=rows, data_dir=data_dir) if verify else None
+    status = EXIT_OK if v is None or v["ok"] else EXIT_VERIFY_FAILED
+    if v is not None and s.get("unchecksummed"):
+        # the recomputed rows may match while an unchecked label elsewhere changed: never vouch for those
+        status = EXIT_NOT_SUPPORTED if v["ok"] else status
+        v["ok"] = False
+        v["unverifiable"] = s["unchecksummed"]
+        v["problems"].append(f"datasets stored without a checksum cannot be verified: "
+                             f"{', '.join(s['unchecksummed'])}; regenerate the file with this ncpipe")
     if as_json:
         if v is not None:
             s["verify"] = _jsonable(v)
-        return json.dumps(s, indent=2, sort_keys=False), 0 if v is None or v["ok"] else 1
+        return json.dumps(s, indent=2, sort_keys=False), status
     text = format_summary(s)
     if v is not None:
         text += "\n" + format_verify(v)
-    return text, 0 if v is None or v["ok"] else 1
+    return text, status

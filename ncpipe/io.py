@@ -1,6 +1,6 @@
 """HDF5 feature dumps: writing (atomically) and reading.
 
-The format is specified in docs/hdf5-format.md (``format_version`` 1.1); in short::
+The format is specified in docs/hdf5-format.md (``format_version`` 1.2); in short::
 
     /                            attrs: format_version, complete, dataset, arch, method, seed, epoch, norm,
                                         epsilon, ..., checkpoint, checkpoint_sha256, config (JSON)
@@ -16,6 +16,11 @@ loads it), so clean and perturbed features pair up by position.  The layerwise f
 (``paths.LAYERWISE_H5``) uses ``/layers/{layer}/{kind}/features|labels|indices``: read one group with
 :func:`load_layer`, list the probes with :func:`layers`; :func:`to_xarray` opens both layouts and
 ``ncpipe.inspect`` summarises both.
+
+Integrity (1.2): every dataset is chunked with a Fletcher-32 checksum per chunk, so a changed byte of any
+stored value fails its read; ``layout_sha256`` (a root attribute) covers every attribute and the name, shape,
+dtype and filters of every object, checked by ``open_dump``.  A read that fails inside ``with open_dump(...)``
+becomes a ``DumpError`` naming the file, the damaged dataset(s) and the command that regenerates the file.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import h5py
 import numpy as np
 
 from .config import schema_enum
-from .utils import atomic_output
+from .utils import atomic_output, regenerate_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import xarray as xr
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
+LAYOUT_DIGEST = "layout_sha256"
 # Readers accept any minor version of this major: minor bumps only add datasets or attributes.
 SUPPORTED_MAJOR = 1
 # Rows per chunk: 256 KiB chunks (128 rows at D = 512 float32).  A partial read decodes every chunk it
@@ -93,7 +99,7 @@ def write_matrix(group: h5py.Group, name: str, data: np.ndarray, *, dtype: str =
                             f"{float(np.abs(src).max()):.4g}); store features as float32 "
                             "(config features.dtype)")
     kw: dict[str, Any] = {}
-    if data.size and data.ndim:
+    if data.size and data.ndim:  # an empty dataset stores no bytes to check
         # a Fletcher-32 checksum per chunk: a flipped byte on disk fails the read instead of becoming a number
         # (deflate alone misses some corruptions, and an uncompressed matrix has no other check)
         rows = min(len(data), chunk_rows(data.shape[1] if data.ndim > 1 else 1, data.itemsize))
@@ -105,13 +111,107 @@ def write_matrix(group: h5py.Group, name: str, data: np.ndarray, *, dtype: str =
     return group.create_dataset(name, data=data, **kw)
 
 
+def write_array(group: h5py.Group, name: str, data: np.ndarray, dtype: str = "int64") -> h5py.Dataset:
+    """A label / prediction / target / index vector, chunked with its Fletcher-32 checksum like the
+    matrices: one flipped bit would otherwise move a sample to a neighbouring class without any error."""
+    return write_matrix(group, name, np.asarray(data), dtype=dtype, compression=None)
+
+
+def _attr_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return b"b" + v
+    if isinstance(v, np.ndarray):
+        return f"a{v.dtype.str}{v.shape}".encode() + (v.tobytes() if v.dtype != object else repr(v.tolist())
+                                                       .encode())
+    if isinstance(v, np.generic):
+        return f"g{v.dtype.str}".encode() + v.tobytes()
+    return f"{type(v).__name__}:{v!r}".encode()
+
+
+def layout_digest(f: h5py.File) -> str:
+    """sha256 over every object's name, every attribute, and each dataset's shape, dtype, chunks and filters.
+
+    Attributes live in object headers, which Fletcher-32 (a dataset filter) does not cover: an edited
+    ``epoch`` or ``method`` attribute would otherwise relabel every row of the metrics.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    names: list[str] = ["/"]
+    f.visit(names.append)
+    for name in sorted(names):
+        obj = f[name]
+        h.update(f"\0{name}|{type(obj).__name__}|".encode())
+        if isinstance(obj, h5py.Dataset):
+            h.update(f"{obj.shape}|{obj.dtype.str}|{obj.chunks}|{obj.fletcher32}|{obj.compression}|"
+                     f"{obj.shuffle}|".encode())
+        for k in sorted(obj.attrs):
+            if name == "/" and k in (LAYOUT_DIGEST, "complete"):
+                continue
+            h.update(k.encode() + b"=" + _attr_bytes(obj.attrs[k]) + b";")
+    return h.hexdigest()
+
+
+def _datasets(f: h5py.File) -> list[h5py.Dataset]:
+    out: list[h5py.Dataset] = []
+    f.visititems(lambda _n, o: out.append(o) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def checksum_report(f: h5py.File) -> dict[str, list[str]]:
+    """Read every stored byte once: ``{"damaged": [datasets failing their checksum or read], "unchecked":
+    [non-empty datasets stored without a checksum (dumps older than format 1.2)]}``."""
+    damaged, unchecked = [], []
+    for d in _datasets(f):
+        if d.size and not d.fletcher32:
+            unchecked.append(d.name)
+        try:
+            if d.size:
+                d[()]
+        except OSError:
+            damaged.append(d.name)
+    return {"damaged": damaged, "unchecked": unchecked}
+
+
+def damage_error(path: str | os.PathLike, damaged: list[str]) -> DumpError:
+    return DumpError(f"{path}: dataset(s) {', '.join(damaged)} fail their Fletcher-32 checksum (stored bytes "
+                     f"changed on disk); {regenerate_hint(path)}")
+
+
+class _VerifiedFile(h5py.File):
+    """An ``h5py.File`` whose failed reads inside ``with`` name the file and the damaged dataset(s).
+
+    HDF5 reports a failed chunk checksum as "Can't synchronously read data (filter returned failure during
+    read)", naming neither; only on that error path is every dataset read once to find which.
+    """
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, DumpError) and self.id.valid:
+            try:
+                damaged = checksum_report(self)["damaged"]
+            except Exception:  # noqa: BLE001 - the original error is the one to report then
+                damaged = []
+            name = self.filename
+            super().__exit__(exc_type, exc, tb)
+            if damaged:
+                raise damage_error(name, damaged) from exc
+            return
+        super().__exit__(exc_type, exc, tb)
+
+
 @contextmanager
-def create_dump(path: str | os.PathLike, root_attrs: dict[str, Any]) -> Iterator[h5py.File]:
-    """Open a new dump under a temporary name; it appears under ``path`` only once complete."""
-    with atomic_output(path) as tmp:
+def create_dump(path: str | os.PathLike, root_attrs: dict[str, Any],
+                expected_bytes: int | None = None) -> Iterator[h5py.File]:
+    """Open a new dump under a temporary name; it appears under ``path`` only once complete.
+
+    ``expected_bytes`` (an upper bound of the file size) is checked against the free space before HDF5
+    starts: HDF5 may crash the process on a full disk instead of raising.
+    """
+    with atomic_output(path, expected_bytes=expected_bytes) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             set_attrs(f, {"format_version": FORMAT_VERSION, **root_attrs})
             yield f
+            f.attrs[LAYOUT_DIGEST] = layout_digest(f)
             f.attrs["complete"] = True
 
 
@@ -121,14 +221,24 @@ def open_dump(path: str | os.PathLike, *, require_complete: bool = True) -> h5py
     if not p.exists():
         raise DumpError(f"feature dump {p} does not exist")
     try:
-        f = h5py.File(p, "r")
+        f = _VerifiedFile(p, "r")
     except OSError as err:
         raise DumpError(f"feature dump {p} is not a readable HDF5 file (truncated or corrupted?): {err}; "
-                        "delete it and rerun its job") from err
+                        f"{regenerate_hint(p)}") from err
     if require_complete and (not f.attrs.get("complete", False) or "format_version" not in f.attrs):
         f.close()
         raise DumpError(f"feature dump {p} is incomplete or not an ncpipe dump (no 'complete' flag); "
-                        "rerun its job")
+                        f"{regenerate_hint(p)}")
+    recorded = f.attrs.get(LAYOUT_DIGEST)
+    if recorded is not None:
+        try:
+            actual = layout_digest(f)
+        except (OSError, KeyError, RuntimeError) as err:
+            actual = f"unreadable ({err})"
+        if (recorded.decode() if isinstance(recorded, bytes) else str(recorded)) != actual:
+            f.close()
+            raise DumpError(f"{p}: its attributes or layout changed since it was written (they no longer "
+                            f"match its {LAYOUT_DIGEST}); {regenerate_hint(p)}")
     version = f.attrs.get("format_version")
     if version is not None:
         version = version.decode() if isinstance(version, bytes) else str(version)

@@ -35,13 +35,13 @@ from torch import nn
 
 from .data import to_float
 from .grid import regime_id
-from .io import create_dump, set_attrs, write_matrix
+from .io import create_dump, set_attrs, write_array, write_matrix
 from .metrics import ClassStats, NCCAccuracy
 from .progress import Meter, log_header
 from .runtime import autocast
 from .session import open_evaluation
 from .specs import LayerwiseSpec
-from .utils import atomic_output
+from .utils import UsageError, write_csv_verified
 
 log = logging.getLogger("ncpipe.layerwise")
 
@@ -218,7 +218,10 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ev.perturb("pgd", x, y)
 
-    regime = regime or regime_id(meta["method"], ckpt["spec"].get("adversary"))
+    trained = regime_id(meta["method"], ckpt["spec"].get("adversary"))
+    if regime is not None and regime != trained:
+        raise UsageError(f"--regime {regime} contradicts {checkpoint}, which was trained as {trained}")
+    regime = trained
     ident = {"dataset": meta["dataset"], "arch": meta["arch"], "method": meta["method"], "regime": regime,
              "norm": threat.norm, "epsilon": threat.epsilon, "seed": meta["seed"], "epoch": ckpt["epoch"]}
     probes = ev.model.probe_layers()
@@ -250,12 +253,11 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
             feats, labels, idx = res["subsample"][(kind, name)]
             g = f.create_group(f"layers/{name}/{kind}")
             write_matrix(g, "features", feats, dtype=spec.storage.dtype, compression=spec.storage.compression)
-            g.create_dataset("labels", data=labels)
-            g.create_dataset("indices", data=idx)
+            write_array(g, "labels", labels)
+            write_array(g, "indices", idx)
             set_attrs(g, {"layer": name, "layer_index": li, "original_shape": list(res["shapes"][name]),
                           "stored_shape": list(res["stored_shapes"].get(name, ())), "pool": lw.pool,
                           "perturbation": kind, "split": split, "num_samples": len(labels), **vals})
     df = pd.DataFrame(rows, columns=COLUMNS)
-    with atomic_output(out_csv) as tmp:
-        df.to_csv(tmp, index=False)
+    write_csv_verified(df, out_csv)
     return df

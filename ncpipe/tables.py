@@ -22,7 +22,7 @@ from .families import LEAP_KINDS, parse_leap_stem, parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
 from .grid import METHOD_LABELS, method_of, regime_id
 from .io import attrs_dict, open_dump
-from .utils import atomic_output
+from .utils import atomic_output, read_csv_verified
 
 # (column, split, perturbation, metric, header)
 ACCURACY_COLUMNS = [
@@ -117,7 +117,7 @@ def to_latex(table: pd.DataFrame, dataset: str, norm: str, eps: str) -> str:
 def write_accuracy_tables(
     metrics_csv: str | os.PathLike, stems: list[str], outdir: str | os.PathLike
 ) -> list[str]:
-    metrics = pd.read_csv(metrics_csv)
+    metrics = read_csv_verified(metrics_csv, "metrics table", required=False)
     out = []
     for stem in stems:
         sel = parse_table_stem(stem)
@@ -262,7 +262,7 @@ def aggregate_train_logs(logs: list[str | os.PathLike]) -> pd.DataFrame:
         if m is None:
             raise ValueError(f"{p} is not a training log path ({paths.TRAIN_LOG})")
         ident = m.groupdict()
-        df = pd.read_csv(p)
+        df = read_csv_verified(p, "training log")
         frames.append(
             df.assign(
                 dataset=ident["dataset"],
@@ -295,5 +295,5 @@ def aggregate_layerwise(tables: list[str | os.PathLike]) -> pd.DataFrame:
     """
     if not tables:
         raise ValueError("no layerwise tables to aggregate")
-    df = pd.concat([pd.read_csv(t) for t in tables], ignore_index=True)
+    df = pd.concat([read_csv_verified(t, "layerwise table") for t in tables], ignore_index=True)
     return df.sort_values(LAYERWISE_KEYS, kind="stable").reset_index(drop=True)

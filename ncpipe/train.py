@@ -33,16 +33,24 @@ from .checkpoint import (
     adversarial_path,
     adversarial_record,
     checkpoint_payload,
+    load_verified,
     save_adversarial_record,
     save_atomic,
-    verify_digest,
 )
 from .data import ImageData, load_data, to_float
 from .models import NCModel, build_model
 from .progress import Meter, duration, log_header
 from .runtime import autocast, prepare_model, runtime_setup
 from .specs import TrainSpec
-from .utils import atomic_output, link_or_copy, seed_everything, spec_hash
+from .utils import (
+    acquire_pid_lock,
+    atomic_output,
+    link_or_copy,
+    release_pid_lock,
+    seed_everything,
+    spec_hash,
+    write_digest_sidecar,
+)
 
 log = logging.getLogger("ncpipe.train")
 
@@ -98,12 +106,45 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def read_resume_state(resume: Path, key: str, checkpoint_epochs: list[int]) -> dict[str, Any] | None:
+LOCK_NAME = "trainer.lock"
+
+
+def resume_key(spec: TrainSpec, code_digest: str) -> dict[str, str]:
+    """What a resume state must match to be continued: the spec and the training stage's code.
+
+    ``code_digest`` is ``ncpipe.stages.code_digest("train")`` (the modules whose change makes Snakemake rerun
+    training): epochs run by other code must not be continued by this one.
+    """
+    return {"spec": spec_hash(spec.to_dict()), "code": code_digest}
+
+
+def lock_resume_dir(resume: Path, cell: str) -> Path:
+    """One trainer per cell: take ``resume/trainer.lock`` (PID + host); a second trainer of the same cell
+    raises ``utils.BusyError`` while the first lives; the lock of a dead trainer is replaced."""
+    return acquire_pid_lock(resume / LOCK_NAME, f"training of {cell}")
+
+
+def clear_resume_dir(resume: Path) -> None:
+    """Remove everything of a refused state but the lock this trainer holds."""
+    if not resume.is_dir():
+        return
+    for child in resume.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def read_resume_state(resume: Path, key: dict[str, str] | str, checkpoint_epochs: list[int]
+                      ) -> dict[str, Any] | None:
     """The epoch state in ``resume`` if it can be continued, else None (the caller then starts afresh).
 
-    A state is refused when it was made by another spec (a config change must retrain from scratch), when it
-    cannot be read, or when a checkpoint it claims to have written is missing; none of these is an error, the
-    run simply restarts.  Temporary files of writes interrupted by a kill are removed here.
+    A state is refused when it was made by another spec (a config change must retrain from scratch) or by
+    other training code, when it cannot be read or fails its digest, or when a checkpoint it claims to have
+    written is missing; none of these is an error, the run restarts from epoch 0 with a log line saying why.
+    Temporary files of writes interrupted by a kill are removed here.
     """
     if not resume.is_dir():
         return None
@@ -113,17 +154,19 @@ def read_resume_state(resume: Path, key: str, checkpoint_epochs: list[int]) -> d
     if not state_file.exists():
         return None
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any damage means: start again
-        log.warning("resume state %s is unreadable (%s); training from scratch", state_file, err)
+        state = load_verified(state_file)
+    except CorruptCheckpointError as err:  # any damage means: start again
+        log.warning("resume state %s is unusable (%s); training from scratch", state_file, err)
         return None
-    if not isinstance(state, dict) or state.get("spec_hash") != key:
+    key = key if isinstance(key, dict) else {"spec": key}
+    got = state.get("resume_key") or {"spec": state.get("spec_hash")}
+    if got.get("spec") != key["spec"]:
         log.warning("ignoring resume state of another configuration in %s; training from scratch", resume)
         return None
-    try:
-        verify_digest(state, state_file)
-    except CorruptCheckpointError as err:
-        log.warning("%s; training from scratch", err)
+    if got.get("code") != key.get("code"):
+        log.warning("discarding the resume state in %s: it was made by other training code (code digest %s, "
+                    "now %s); training from epoch 0", resume, str(got.get("code"))[:12],
+                    str(key.get("code"))[:12])
         return None
     missing = [e for e in checkpoint_epochs if e <= state["epoch"]
                and not (resume / "checkpoints" / f"epoch{e}.pt").exists()]
@@ -187,12 +230,26 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
 
 
 def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int, str], log_csv: str,
-                 resume_dir: str, *, stop_after_epoch: int | None = None) -> None:
+                 resume_dir: str, *, stop_after_epoch: int | None = None, code_digest: str = "") -> None:
     """Train one run described by ``spec`` (see ``grid.train_spec``) and publish its checkpoints and log.
 
-    ``stop_after_epoch`` exists for tests that simulate an interruption at an epoch boundary.
+    ``code_digest`` identifies the training code (``ncpipe.stages.code_digest("train")``, which ``ncpipe
+    train`` passes): a resume state made by other code is discarded.  Only one trainer per resume directory
+    runs at a time (``lock_resume_dir``).  ``stop_after_epoch`` exists for tests that simulate an
+    interruption at an epoch boundary.
     """
     spec = TrainSpec.from_dict(spec, "training spec")
+    resume = Path(resume_dir)
+    cell = f"{spec.data.name}/{spec.arch}/{spec.method}/seed{spec.seed}"
+    lock = lock_resume_dir(resume, cell)
+    try:
+        _train(spec, checkpoint_outputs, log_csv, resume, stop_after_epoch, resume_key(spec, code_digest))
+    finally:
+        release_pid_lock(lock)
+
+
+def _train(spec: TrainSpec, checkpoint_outputs: dict[int, str], log_csv: str, resume: Path,
+           stop_after_epoch: int | None, key: dict[str, str]) -> None:
     device, amp = runtime_setup(spec.runtime)
     seed_everything(spec.seed)
     data = load_data(spec)
@@ -208,10 +265,8 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
     cell = f"{data.name}/{spec.arch}/{spec.method}/seed{spec.seed}"
     label = _progress_label(spec, data)
 
-    resume = Path(resume_dir)
     ckpt_dir = resume / "checkpoints"
     state_file = resume / "state.pt"
-    key = spec_hash(spec.to_dict())
     start_epoch, rows = 0, []
     state = read_resume_state(resume, key, sorted(checkpoint_outputs))
     if state is not None:
@@ -220,8 +275,8 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         _set_rng_state(state["rng"], gens)
         start_epoch, rows = state["epoch"], state["rows"]
         log.info("resuming %s from the end of epoch %d", cell, start_epoch)
-    elif resume.exists():
-        shutil.rmtree(resume)
+    else:
+        clear_resume_dir(resume)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if start_epoch == 0 and 0 in checkpoint_outputs:
         save_atomic(checkpoint_payload(model, spec, data, 0), ckpt_dir / "epoch0.pt")
@@ -283,7 +338,7 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
                                         adversarial_path(ckpt_dir / f"epoch{epoch + 1}.pt"), payload)
             save_atomic(payload, ckpt_dir / f"epoch{epoch + 1}.pt")
             _checkpoint_progress(bar, epoch + 1, ckpt_dir / f"epoch{epoch + 1}.pt")
-        save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),
+        save_atomic({"resume_key": key, "epoch": epoch + 1, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "rng": _rng_state(gens), "rows": rows}, state_file)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             bar.close()
@@ -294,6 +349,7 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    write_digest_sidecar(log_csv, rows=len(rows), columns=LOG_COLUMNS)
     for e, out_path in checkpoint_outputs.items():
         link_or_copy(ckpt_dir / f"epoch{e}.pt", out_path)
         # the record is no declared output (deleting it must not retrain): publish it beside its checkpoint,

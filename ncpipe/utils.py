@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import random
+import shlex
+import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,15 +45,120 @@ def tmp_path_for(path: str | os.PathLike) -> Path:
     return p.with_name(f".{p.name}.tmp-{os.getpid()}")
 
 
+class OutputError(RuntimeError):
+    """An output cannot be written: its file system is full, read-only, or refuses us (one-line message)."""
+
+
+class UsageError(ValueError):
+    """A command-line argument contradicts the input it names (one-line message)."""
+
+
+class ArtifactError(RuntimeError):
+    """A stored artifact (a table, a sidecar) is missing, truncated or altered; the message says how to
+    regenerate it."""
+
+
+# errnos that mean "this location cannot take the output", not a bug: reported in one line naming the path
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def regenerate_hint(path: str | os.PathLike) -> str:
+    """The command that regenerates ``path`` (and everything made from it) in the workflow.
+
+    Plain ``snakemake`` after deleting an intermediate file says "Nothing to be done" when the files made from
+    it still exist; ``--forcerun`` names the file, so its job and every job downstream of it rerun.
+    """
+    return (f"regenerate it with: snakemake --cores 1 --forcerun {shlex.quote(str(path))} "
+            "(plus the --configfile/--profile options of the run that made it)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files (``tmp_path_for``) of ``final`` left by processes that no longer exist.
+
+    A job killed mid-write leaves its ``.NAME.tmp-PID`` (gigabytes for a CIFAR dump); the next write of the
+    same output cleans it.  Only one job writes an output at a time (Snakemake's own lock), so a dead PID's
+    file is nobody's.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for tmp in final.parent.glob(f".{glob_escape(final.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+                log.info("removed %s, the temporary file of a dead process (PID %s)", tmp, pid)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> OutputError | None:
+    """A one-line ``OutputError`` for an ``OSError`` that means the location cannot take the file, else None.
+
+    HDF5 reports a full disk without an errno, so an errno-less error is blamed on space only when the file
+    system is (nearly) full at that moment.
+    """
+    p = Path(path)
+    code = err.errno
+    if code is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(_existing_parent(p)).free < (1 << 20):
+                code = errno.ENOSPC
+    if code not in WRITE_ERRNOS:
+        return None
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only"}.get(code, "permission denied")
+    return OutputError(f"cannot write {p}: {what} ({os.strerror(code)}); free space or make "
+                       f"{_existing_parent(p)} writable, then rerun the same command")
+
+
+def _existing_parent(p: Path) -> Path:
+    for q in [p.parent, *p.parents]:
+        if q.exists():
+            return q
+    return Path(".")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path; on success fsync and rename it onto ``path``, on failure remove it.
 
     A job killed mid-write therefore leaves at most a dot-prefixed temporary file, never a truncated file
-    under the final name that a later run could take for a finished one.
+    under the final name that a later run could take for a finished one; such leftovers of dead processes are
+    removed here.  ``expected_bytes`` is checked against the free space first: HDF5 can crash the process on a
+    full disk instead of raising.  A full, read-only or forbidden location raises ``OutputError`` (one line
+    naming the path), with the temporary file removed.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise (write_error(final, err) or err) from err
+    remove_stale_temps(final)
+    if expected_bytes:
+        free = shutil.disk_usage(final.parent).free
+        if free < expected_bytes:
+            raise OutputError(f"cannot write {final}: it needs about {expected_bytes / 2**20:.1f} MiB but "
+                              f"its file system has {free / 2**20:.1f} MiB free; free space, then rerun the "
+                              "same command")
     tmp = tmp_path_for(final)
     try:
         yield tmp
@@ -57,9 +166,148 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as err:
+        mapped = write_error(final, err)
+        if mapped is None:
+            raise
+        raise mapped from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- tables with a digest sidecar
+TABLE_DIGEST_FORMAT = "ncpipe-table-digest 1"
+
+
+def digest_sidecar(path: str | os.PathLike) -> Path:
+    """``.NAME.sha256`` beside ``path``: the digest that a verified reader checks before trusting the file."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.sha256")
+
+
+def write_digest_sidecar(path: str | os.PathLike, **promised: Any) -> Path:
+    """Record ``path``'s sha256 and size (plus what the writer promises, e.g. rows and columns) beside it."""
+    p = Path(path)
+    rec = {"format": TABLE_DIGEST_FORMAT, "file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size,
+           **promised}
+    side = digest_sidecar(p)
+    with atomic_output(side) as tmp:
+        tmp.write_text(json.dumps(rec, sort_keys=True) + "\n")
+    return side
+
+
+def read_verified_bytes(path: str | os.PathLike, what: str = "table", required: bool = True
+                        ) -> tuple[bytes, dict[str, Any] | None]:
+    """The bytes of ``path`` after checking them against its digest sidecar, and the sidecar's record.
+
+    With ``required=False`` a file without a sidecar (made outside ncpipe) is returned unchecked, with None.
+    """
+    p = Path(path)
+    hint = regenerate_hint(p)
+    if not p.is_file():
+        raise ArtifactError(f"{what} {p} does not exist; {hint}")
+    side = digest_sidecar(p)
+    data = p.read_bytes()
+    if not side.is_file():
+        if not required:
+            return data, None
+        raise ArtifactError(f"{what} {p} has no digest file {side.name} beside it (its job was interrupted, "
+                            f"it was copied without it, or an older ncpipe wrote it); {hint}")
+    try:
+        rec = json.loads(side.read_text())
+        ok = rec.get("format") == TABLE_DIGEST_FORMAT
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{what} {p}: its digest file {side} is unreadable; {hint}")
+    if len(data) != rec.get("bytes") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+        raise ArtifactError(f"{what} {p} does not match the digest written with it ({len(data)} bytes, "
+                            f"{rec.get('bytes')} written): it was truncated or altered; {hint}")
+    return data, rec
+
+
+def write_csv_verified(df: Any, path: str | os.PathLike, **to_csv: Any) -> None:
+    """Write a pandas table atomically, with a digest sidecar promising its rows and columns."""
+    with atomic_output(path) as tmp:
+        df.to_csv(tmp, index=False, **to_csv)
+    write_digest_sidecar(path, rows=int(len(df)), columns=[str(c) for c in df.columns])
+
+
+def read_csv_verified(path: str | os.PathLike, what: str = "table", required: bool = True) -> Any:
+    """``pandas.read_csv`` of a table whose bytes, rows and columns match what its writer recorded."""
+    import io as _io
+
+    import pandas as pd
+
+    data, rec = read_verified_bytes(path, what, required)
+    df = pd.read_csv(_io.BytesIO(data))
+    if rec is not None and (rec.get("rows") is not None and len(df) != rec["rows"]
+                            or rec.get("columns") is not None and list(df.columns) != rec["columns"]):
+        raise ArtifactError(f"{what} {path} parses to {len(df)} rows x {list(df.columns)}, not the "
+                            f"{rec.get('rows')} rows x {rec.get('columns')} its writer recorded; "
+                            f"{regenerate_hint(path)}")
+    return df
+
+
+# ------------------------------------------------------------------------------------ one process per dir
+class BusyError(RuntimeError):
+    """Another live process holds the lock of this directory."""
+
+
+def acquire_pid_lock(lock: str | os.PathLike, what: str) -> Path:
+    """Create ``lock`` holding this process's PID and host; refuse while another live process holds it.
+
+    A lock of a dead PID on this host is stale (a killed job) and is replaced.  A lock from another host
+    cannot be checked from here: it is refused, and the message says how to clear it.
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, me["host"]  # half-written by a process killed while taking it
+            if pid == me["pid"] and host == me["host"]:
+                return lock
+            if host == me["host"] and not pid_alive(pid):
+                log.info("removing the stale lock %s of dead process %d", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise BusyError(f"{what} is already running (PID {pid} on {host}, lock {lock}); wait for it or "
+                            f"stop it (kill {pid}); if no such process exists, delete {lock}") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me))
+        return lock
+    raise BusyError(f"could not take the lock {lock} for {what}")
+
+
+def release_pid_lock(lock: str | os.PathLike) -> None:
+    """Remove ``lock`` if this process holds it."""
+    lock = Path(lock)
+    try:
+        held = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+def module_digest(names: list[str] | tuple[str, ...], package_dir: str | os.PathLike | None = None) -> str:
+    """sha256 over the names and contents of the package modules ``names`` (``ncpipe/{name}.py``)."""
+    root = Path(package_dir) if package_dir else Path(__file__).parent
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0".encode())
+        h.update((root / f"{name}.py").read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

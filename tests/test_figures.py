@@ -16,6 +16,7 @@ import pytest
 
 from ncpipe import families, figures, grid, paths, tables
 from ncpipe.config import load_config
+from ncpipe.utils import write_csv_verified
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_tables import (  # noqa: E402
@@ -397,18 +398,21 @@ def test_train_logs_get_their_run_identity_from_the_path(tmp_path):
             paths.TRAIN_LOG, dataset="cifar10", arch="vgg11bn", regime=regime, seed=seed
         )
         p.parent.mkdir(parents=True)
-        pd.DataFrame(
-            {
-                "epoch": [1, 2],
-                "lr": [0.1, 0.1],
-                "loss": [2.0, 1.0],
-                "train_acc": [0.1, 0.2],
-                "robust_loss": [np.nan] * 2,
-                "robust_acc": [np.nan] * 2,
-                "test_acc": [0.1, 0.1],
-                "seconds": [1.0, 1.0],
-            }
-        ).to_csv(p, index=False)
+        write_csv_verified(  # as the trainer writes it: with its digest
+            pd.DataFrame(
+                {
+                    "epoch": [1, 2],
+                    "lr": [0.1, 0.1],
+                    "loss": [2.0, 1.0],
+                    "train_acc": [0.1, 0.2],
+                    "robust_loss": [np.nan] * 2,
+                    "robust_acc": [np.nan] * 2,
+                    "test_acc": [0.1, 0.1],
+                    "seconds": [1.0, 1.0],
+                }
+            ),
+            p,
+        )
         logs.append(p)
     df = tables.aggregate_train_logs(logs)
     assert list(df.columns[:5]) == tables.RUN_COLUMNS

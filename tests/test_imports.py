@@ -8,6 +8,8 @@ import sys
 
 from synthetic_tables import layerwise_frame, metrics_frame
 
+from ncpipe.utils import write_csv_verified
+
 # Runs one `ncpipe` command in this interpreter, then reports whether torch's extension was really loaded
 # (ncpipe.metrics registers torch lazily, so "torch" in sys.modules alone means nothing).
 _PROBE = """
@@ -27,10 +29,10 @@ def _loaded(*argv: str) -> dict[str, bool]:
 def test_aggregates_and_summary_never_load_torch(tmp_path):
     m1, m2 = tmp_path / "a.csv", tmp_path / "b.csv"
     df = metrics_frame(regimes=("st",), seeds=(1,), epochs=(1, 2))
-    df[df.epoch == 1].to_csv(m1, index=False)
-    df[df.epoch == 2].to_csv(m2, index=False)
+    write_csv_verified(df[df.epoch == 1], m1)  # as the metrics stage writes them (with their digests)
+    write_csv_verified(df[df.epoch == 2], m2)
     lw = tmp_path / "lw.csv"
-    layerwise_frame(regimes=("st",), seeds=(1,), layers=2).to_csv(lw, index=False)
+    write_csv_verified(layerwise_frame(regimes=("st",), seeds=(1,), layers=2), lw)
     run = tmp_path / "run"
     run.mkdir()
     for argv in (["aggregate", "--out", str(run / "metrics.csv"), str(m1), str(m2)],

@@ -64,7 +64,8 @@ def test_summary_golden_structure(dump: Path, capsys: pytest.CaptureFixture[str]
     assert _sections(out) == [
         f"{dump}  ({dump.stat().st_size / 1024:.1f} KiB, ncpipe features file, "
         f"format_version {io.FORMAT_VERSION}, complete)",
-        "provenance:", "classifier:", "groups:", "class counts (true labels | network predictions):"]
+        "provenance:", "integrity: every dataset passed its Fletcher-32 checksum", "classifier:", "groups:",
+        "class counts (true labels | network predictions):"]
     provenance = [line.split()[0] for line in out.split("provenance:\n")[1].split("\n\n")[0].splitlines()]
     assert provenance[:4] == ["format_version", "complete", "dataset", "arch"]
     for key in ("method", "seed", "epoch", "norm", "epsilon_255", "checkpoint", "checkpoint_sha256"):
@@ -136,6 +137,7 @@ def test_verify_fails_when_the_checkpoint_changed(dump: Path, tmp_path: Path,
     shutil.copyfile(dump, copy)
     with h5py.File(copy, "r+") as f:
         f.attrs["checkpoint"] = str(ckpt)
+        f.attrs["layout_sha256"] = io.layout_digest(f)  # re-sealed as the writer would: an edit, not damage
     assert _cli(capsys, str(copy), "--verify", "--rows", "2")[0] == 0
     original = tmp_path / "original.pt"
     shutil.copyfile(ckpt, original)

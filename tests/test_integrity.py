@@ -96,7 +96,7 @@ def checkpoint(tmp_path) -> tuple[Path, torch.nn.Module]:
 def test_intact_checkpoint_round_trips(checkpoint):
     path, model = checkpoint
     loaded, payload = load_checkpoint(path)
-    assert payload["epoch"] == 1 and len(payload["model_sha256"]) == 64
+    assert payload["epoch"] == 1 and len(payload["payload_sha256"]) == 64
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 
@@ -106,7 +106,7 @@ def test_truncated_checkpoint_gives_a_clear_error(checkpoint, keep):
     path, _ = checkpoint
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(CorruptCheckpointError, match=r"epoch1\.pt is unreadable or truncated.*rerun"):
+    with pytest.raises(CorruptCheckpointError, match=r"epoch1\.pt is unreadable or truncated.*--forcerun"):
         load_checkpoint(path)
 
 

@@ -11,6 +11,7 @@ A fast static check verifies that each stage declares, as inputs, every package 
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import os
 import re
@@ -228,9 +229,10 @@ def import_closure(module: str) -> set[str]:
 
 def stage_modules() -> dict[str, list[str]]:
     text = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    m = re.search(r"^STAGE_MODULES = (\{.*?^\})", text, re.S | re.M)
-    assert m, "STAGE_MODULES not found in common.smk"
-    return ast.literal_eval(m.group(1))
+    assert "from ncpipe.stages import STAGE_MODULES" in text, "common.smk must use the one list"
+    from ncpipe.stages import STAGE_MODULES
+
+    return STAGE_MODULES
 
 
 def test_package_imports_sees_function_level_imports():
@@ -248,3 +250,85 @@ def test_each_stage_declares_every_module_it_imports(stage):
     missing = import_closure(STAGE_ENTRY[stage]) - set(declared)
     assert not missing, f"STAGE_MODULES[{stage!r}] in common.smk lacks {sorted(missing)}"
     assert all((REPO / "ncpipe" / f"{m}.py").exists() for m in declared), declared
+
+
+# ------------------------------------------------------------------ the commands that error messages advise
+def _advised(message: str) -> list[str]:
+    """The `snakemake ...` arguments of a "regenerate it with:" message (without the executable)."""
+    import shlex
+
+    m = re.search(r"regenerate it with: (snakemake .*?) \(plus", message)
+    assert m, message
+    return shlex.split(m.group(1))[1:]
+
+
+@contextlib.contextmanager
+def _same_mtime(path: Path):
+    """Damage as bit rot or a bad copy does it: the bytes change, the time stamps do not."""
+    st = path.stat()
+    yield
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.slow
+def test_the_advised_command_regenerates_an_edited_checkpoint(workdir, monkeypatch):
+    """The issue's trap: after damage, plain `snakemake` does nothing; the advised command retrains the run
+    (deterministically: the same weights) and everything made from it."""
+    import torch
+
+    from ncpipe.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    monkeypatch.chdir(workdir)
+    ckpt = Path("results/mnist5k/vgg11bn/st/seed1/checkpoints/epoch1.pt")
+    table = workdir / "results" / "metrics.csv"
+    weights, metrics = load_checkpoint(ckpt)[1]["model"], table.read_bytes()
+    payload = torch.load(ckpt, weights_only=False)
+    payload["epoch"] = 2
+    with _same_mtime(ckpt):  # damage, not an update
+        torch.save(payload, ckpt)
+    assert plan(workdir, MINI)[0] == Counter()  # Snakemake cannot see the damage
+    with pytest.raises(CorruptCheckpointError) as e:
+        load_checkpoint(ckpt)
+    snakemake(workdir, MINI, *_advised(str(e.value)))
+    again = load_checkpoint(ckpt)[1]
+    assert again["epoch"] == 1 and all(torch.equal(again["model"][k], weights[k]) for k in weights)
+    assert table.read_bytes() == metrics
+    assert plan(workdir, MINI)[0] == Counter()
+
+
+@pytest.mark.slow
+def test_the_advised_commands_regenerate_a_damaged_dump_and_table(workdir, monkeypatch):
+    import h5py
+
+    from ncpipe import io
+    from ncpipe.evaluate import aggregate, evaluate_dump
+    from ncpipe.utils import ArtifactError
+
+    monkeypatch.chdir(workdir)
+    run = Path("results/mnist5k/vgg11bn/st/seed1")
+    dump, table = run / "features/epoch2_linf_eps64.h5", run / "metrics/epoch1_linf_eps64.csv"
+    with h5py.File(dump, "r") as f:
+        labels, info = f["train/pgd/labels"][:], f["train/pgd/labels"].id.get_chunk_info(0)
+    table_bytes, all_metrics = table.read_bytes(), (workdir / "results/metrics.csv").read_bytes()
+    with _same_mtime(dump), open(dump, "r+b") as fh:  # one flipped bit in the labels
+        fh.seek(info.byte_offset + 3)
+        b = fh.read(1)
+        fh.seek(info.byte_offset + 3)
+        fh.write(bytes([b[0] ^ 1]))
+    assert plan(workdir, MINI)[0] == Counter()
+    with pytest.raises(io.DumpError, match="/train/pgd/labels") as e:
+        evaluate_dump(dump)
+    snakemake(workdir, MINI, *_advised(str(e.value)))
+    with h5py.File(dump, "r") as f:
+        assert (f["train/pgd/labels"][:] == labels).all()
+    assert (workdir / "results/metrics.csv").read_bytes() == all_metrics
+    # a table cut short (one at a time: with both damaged, the first rerun stops at the other one, rightly)
+    with _same_mtime(table):
+        table.write_bytes(table_bytes[: len(table_bytes) // 2])
+    assert plan(workdir, MINI)[0] == Counter()
+    with pytest.raises(ArtifactError, match="does not match the digest") as e:
+        aggregate([table])
+    snakemake(workdir, MINI, *_advised(str(e.value)))
+    assert table.read_bytes() == table_bytes
+    assert (workdir / "results/metrics.csv").read_bytes() == all_metrics
+    assert plan(workdir, MINI)[0] == Counter()

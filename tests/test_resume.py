@@ -25,6 +25,7 @@ import ncpipe.train
 from ncpipe import grid
 from ncpipe.checkpoint import load_checkpoint
 from ncpipe.config import validate_config
+from ncpipe.stages import code_digest
 from ncpipe.train import run_training
 
 EPOCHS = 6
@@ -145,7 +146,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, reference, caplog
     assert not (tmp_path / "log.csv").exists()
 
     with caplog.at_level(logging.INFO, logger="ncpipe.train"):
-        train(tmp_path, spec)
+        train(tmp_path, spec, code_digest=code_digest("train"))  # the code `ncpipe train` keys its state by
     assert f"from the end of epoch {saved}" in caplog.text
     assert_matches_reference(tmp_path, outs, reference)
 

@@ -72,19 +72,10 @@ wildcard_constraints:
     stem=paths.WILDCARD_PATTERNS["stem"],
 
 
-# The ncpipe modules each stage runs; declared as inputs so a content change reruns exactly that stage
-# (small inputs are checksum-compared, so a bare `touch` reruns nothing).
-STAGE_MODULES = {
-    "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
-              "utils", "progress", "grid", "paths"],
-    "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "session",
-                 "extract", "io", "utils", "progress", "grid", "paths"],
-    "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
-    "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress"],
-    "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
-    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
-}
+# The ncpipe modules each stage runs (ncpipe.stages, which the trainer's resume key uses too); declared as
+# inputs so a content change reruns exactly that stage (small inputs are checksum-compared, so a bare `touch`
+# reruns nothing).
+from ncpipe.stages import STAGE_MODULES
 
 
 def code(stage):
