@@ -212,7 +212,7 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ev.perturb("pgd", x, y)
 
-    regime = regime or regime_id(meta["method"], ckpt["spec"].get("adversary"))
+    regime = regime or meta.get("regime") or regime_id(meta["method"], ckpt["spec"].get("adversary"))
     ident = {"dataset": meta["dataset"], "arch": meta["arch"], "method": meta["method"], "regime": regime,
              "norm": threat.norm, "epsilon": threat.epsilon, "seed": meta["seed"], "epoch": ckpt["epoch"]}
     probes = ev.model.probe_layers()

@@ -98,9 +98,9 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     if layerwise:
         produced.add(families.TABLES["layerwise"])
     n = {
-        "train": len(grid.runs(config)),
+        "train": len(grid.trained_runs(config)),
         "features": len(grid.cells(config)),
-        "layerwise": len(grid.cells(config, final_only=True)) if layerwise else 0,
+        "layerwise": len(grid.layerwise_cells(config)) if layerwise else 0,
         "train_logs": 1,
         "aggregate_layerwise": int(layerwise),
         "metrics": len(grid.cells(config)),
@@ -140,7 +140,7 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Image passes per stage: ``{stage: {"forward": n, "backward": n}}``."""
     out = {s: {"forward": 0, "backward": 0} for s in ("train", "features", "layerwise")}
     epochs, ckpts = int(config["train"]["epochs"]), len(config["train"]["checkpoints"])
-    for run in grid.runs(config):
+    for run in grid.trained_runs(config):
         n = split_sizes(config, run.dataset)
         f, b = _train_passes_per_image(config, run.method)
         out["train"]["forward"] += epochs * (f * n["train"] + n["test"])  # + test accuracy every epoch
@@ -155,7 +155,7 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
                 out["features"]["forward"] += f * n[split]
                 out["features"]["backward"] += b * n[split]
     if config["layerwise"]["enabled"]:
-        for cell in grid.cells(config, final_only=True):
+        for cell in grid.layerwise_cells(config):
             n = split_sizes(config, cell.run.dataset)["train"]
             steps = int(config["attack"]["threats"][cell.norm]["steps"]) * int(config["attack"]["restarts"])
             out["layerwise"]["forward"] += (2 + steps + 2) * n  # attack; 2 passes each, clean and PGD
@@ -202,7 +202,8 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
     fbytes = _DTYPE_BYTES[fdtype]
     lw = config["layerwise"]
     shapes: dict[tuple[str, str], ModelShape] = {}
-    for run in grid.runs(config):
+    # external models' sizes are not known before their files are read: the storage forecast leaves them out
+    for run in grid.trained_runs(config):
         if (run.arch, run.dataset) not in shapes:
             shapes[(run.arch, run.dataset)] = model_shape(run.arch, run.dataset, config["model"]["width"],
                                                           int(lw.get("pool", 0)))
@@ -218,13 +219,13 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         a[1] += kept
         a[2] += kept * nbytes
 
-    for run in grid.runs(config):
+    for run in grid.trained_runs(config):
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         add("checkpoints", epochs, sh.checkpoint_bytes)
         if run.method != "st" and record:
             add("recorded adversarial features (in checkpoints)", epochs,
                 n["train"] * (sh.feature_dim * 4 + _INT64))
-    for cell in grid.cells(config):
+    for cell in grid.cells(config, external=False):
         run = cell.run
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         size = 0.0
@@ -239,7 +240,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         groups = len(config["attack"]["splits"]) * len(config["attack"]["kinds"])
         add("metrics tables", [cell.epoch], groups * _METRIC_ROWS_PER_GROUP * _CSV_ROW_BYTES)
     if lw["enabled"]:
-        for cell in grid.cells(config, final_only=True):
+        for cell in grid.cells(config, final_only=True, external=False):
             run = cell.run
             sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
             per_class = int(lw["per_class"])

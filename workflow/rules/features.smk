@@ -1,6 +1,6 @@
 rule features:
     input:
-        checkpoint=paths.CHECKPOINT,
+        checkpoint=lambda wc: grid.checkpoint_input(config, wc),  # an external model's own file, or training's
         code=code("features"),
     output:
         h5=paths.FEATURES,
