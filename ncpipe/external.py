@@ -213,7 +213,7 @@ def _check_forward(model: NCModel, spec: ExternalSpec, key: str, classes: int, c
                     f"{classes} classes")
     w, b = model.linear.weight, model.linear.bias
     direct = h @ w.T + (b if b is not None else 0.0)
-    if not torch.allclose(direct, logits, rtol=1e-4, atol=1e-4):
+    if direct.shape != logits.shape or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-4):
         raise _fail(f"{key}.feature_module", "the model's output is not the classifier applied to its input "
                     "(W h + b); the NC metrics need the final nn.Linear whose output is the logits")
 
