@@ -101,7 +101,7 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
         "train": len(grid.trained_runs(config)),
         "features": len(grid.cells(config)),
         "layerwise": len(grid.layerwise_cells(config)) if layerwise else 0,
-        "train_logs": 1,
+        "train_logs": int(bool(grid.trained_runs(config))),  # only the training curves read it
         "aggregate_layerwise": int(layerwise),
         "metrics": len(grid.cells(config)),
         "aggregate": 1,

@@ -91,6 +91,11 @@ def test_autoattack_features_metrics_and_table(tiny_dump, tmp_path):
         # a point the model misclassifies clean is left as it is; a fooled point stays fooled
         wrong = clean_pred != g["labels"][:]
         assert np.all(g["predictions"][:][wrong] != g["labels"][:][wrong])
+    from ncpipe.io import to_xarray
+
+    ds = to_xarray(out, split="test")  # the subset's rows at their places, NaN elsewhere
+    aa_feats = ds["features"].sel(perturbation="autoattack").values
+    assert np.isfinite(aa_feats[idx]).all() and np.isnan(np.delete(aa_feats, idx, axis=0)).all()
     df = evaluate_dump(out, regime="st")
     aa = df[df["perturbation"] == "autoattack"]
     assert {"nc1", "accuracy", "ncc_train_means_accuracy"} <= set(aa["metric"])
