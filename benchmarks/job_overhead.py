@@ -56,8 +56,12 @@ def _float(x: str | None) -> float:
 def _totals(costs: dict[str, RuleCost], science: tuple[str, ...]) -> dict[str, float]:
     book = sum(c.seconds for r, c in costs.items() if r not in science)
     train = costs.get("train", RuleCost()).seconds
+    book_cpu = sum(c.cpu for r, c in costs.items() if r not in science)
+    train_cpu = costs.get("train", RuleCost()).cpu
     return {"bookkeeping": book, "training": train, "ratio": book / train if train else float("nan"),
-            "all": sum(c.seconds for c in costs.values())}
+            "all": sum(c.seconds for c in costs.values()), "bookkeeping_cpu": book_cpu,
+            "training_cpu": train_cpu, "ratio_cpu": book_cpu / train_cpu if train_cpu else float("nan"),
+            "all_cpu": sum(c.cpu for c in costs.values())}
 
 
 def table(after: dict[str, RuleCost], before: dict[str, RuleCost] | None, science: tuple[str, ...]) -> str:
@@ -71,19 +75,21 @@ def table(after: dict[str, RuleCost], before: dict[str, RuleCost] | None, scienc
             c = after[r]
             lines.append(f"| {r} | {kind[r]} | {c.jobs} | {c.seconds:.1f} | {_per(c)} | {c.cpu:.1f} |")
     else:
-        lines += ["| rule | kind | jobs | before s | after s | before s/job | after s/job |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["| rule | kind | jobs before | jobs after | before s | after s | before CPU s "
+                  "| after CPU s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rules:
             b, a = before.get(r, RuleCost()), after.get(r, RuleCost())
-            lines.append(f"| {r} | {kind[r]} | {a.jobs or b.jobs} | {b.seconds:.1f} | {a.seconds:.1f} | "
-                         f"{_per(b)} | {_per(a)} |")
+            lines.append(f"| {r} | {kind[r]} | {b.jobs} | {a.jobs} | {b.seconds:.1f} | {a.seconds:.1f} | "
+                         f"{b.cpu:.1f} | {a.cpu:.1f} |")
     lines.append("")
     for label, costs in (("before", before), ("after" if before else "run", after)):
         if costs is None:
             continue
         t = _totals(costs, science)
         lines.append(f"- {label}: bookkeeping {t['bookkeeping']:.1f} job-s, training {t['training']:.1f} "
-                     f"job-s, ratio {t['ratio']:.2f} (target <= 0.5); all rules {t['all']:.1f} job-s")
+                     f"job-s, ratio {t['ratio']:.2f} (target <= 0.5); all rules {t['all']:.1f} job-s; CPU: "
+                     f"bookkeeping {t['bookkeeping_cpu']:.1f} s, training {t['training_cpu']:.1f} s, ratio "
+                     f"{t['ratio_cpu']:.2f}, all rules {t['all_cpu']:.1f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,9 @@ from .utils import set_threads, setup_logging
 
 log = logging.getLogger("ncpipe")
 
+# The stages that compute with torch; the others never import it (a torch import is ~2 s of a small job).
+TORCH_STAGES = frozenset({"train", "features", "layerwise", "inspect"})
+
 
 def _spec(s: str) -> dict:
     return json.loads(Path(s[1:]).read_text()) if s.startswith("@") else json.loads(s)
@@ -173,6 +176,10 @@ def cmd_plan(a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncpipe", description=__doc__)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (Snakemake's threads:)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPUs the job was scheduled with (the rule's resources.gpu); inside a SLURM job a "
+                        "torch stage that then sees no CUDA device exits at start with status 75 "
+                        "(EX_TEMPFAIL)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run and write its checkpoints and log")
@@ -272,9 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    set_threads(args.threads)
+    set_threads(args.threads, load_torch=args.command in TORCH_STAGES)
+    _run_on_device(args)
+
+
+def _run_on_device(args: argparse.Namespace) -> None:
+    """Run the stage; a GPU asked for and not there: a clear one-line error, exit status 75, no traceback."""
+    if args.command not in TORCH_STAGES:
+        _run(args)
+        return
+    from .runtime import EXIT_NO_GPU, DeviceUnavailableError, require_gpu
+
+    try:
+        require_gpu(args.gpus)
+        _run(args, passthrough=(DeviceUnavailableError,))
+    except DeviceUnavailableError as err:
+        log.error("%s", err)
+        raise SystemExit(EXIT_NO_GPU) from None
+
+
+def _run(args: argparse.Namespace, passthrough: tuple[type[BaseException], ...] = ()) -> None:
     try:
         args.fn(args)
+    except passthrough:
+        raise
     except Exception as err:
         log.error("%s: %s", type(err).__name__, err)
         raise

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import attacks
 from .data import to_float
 from .io import create_dump, set_attrs, write_matrix
+from .progress import Meter, duration, log_header
 from .session import open_evaluation
 from .specs import Adversary, FeaturesSpec, Storage, Threat
 
@@ -35,6 +35,12 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
         **({"regime": meta["regime"], "external": meta["external"]} if "external" in meta else {}),
     }
     bs = spec.batch_size
+    label = _progress_label(ev)
+    kinds = [k for k in spec.kinds if k != TRAIN_ADV]
+    log_header(label, {"splits": list(spec.splits), "kinds": list(spec.kinds), **threat.attrs(),
+                       "batch_size": bs, "checkpoint": checkpoint}, device, spec.runtime, ev.amp, logger=log)
+    total = Meter(label, sum(len(ev.data.split(s)[1]) for s in spec.splits) * len(kinds), unit="image",
+                  bars=False)
     with create_dump(out_h5, root) as f:
         cls = f.create_group("classifier")
         write_matrix(cls, "weight", ev.model.linear.weight.detach().cpu().numpy(), compression=None)
@@ -45,19 +51,25 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
             lab = ys.cpu().numpy().astype(np.int64)
             targets_all = attacks.target_labels(ys, ev.num_classes, rule=spec.target_rule,
                                                 generator=ev.generator)
-            for kind in [k for k in spec.kinds if k != TRAIN_ADV]:
+            for kind in kinds:
                 rows = _kind_rows(spec, kind, split, ys)
                 if rows is not None and len(rows) == 0:
                     continue  # this kind does not attack this split (attack.autoattack.splits)
                 kx, ky = (xs, ys) if rows is None else (xs[rows], ys[rows])
                 kt = targets_all if rows is None else targets_all[rows]
                 feats, preds = [], []
-                for i in tqdm(range(0, len(kx), bs), desc=f"{split}/{kind}", mininterval=5, leave=False):
+                meter = Meter(f"{label} {split}/{kind}", math.ceil(len(kx) / bs), unit="batch")
+                for i in range(0, len(kx), bs):
                     xb, yb = to_float(kx[i:i + bs]), ky[i:i + bs]
                     xp = ev.perturb(kind, xb, yb, targets=kt[i:i + bs])
                     h, logits = ev.features(xp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
+                    meter.update(1, len(yb))
+                meter.close()
+                total.update(len(kx), len(kx), heartbeat=False)
+                meter.line("done", images=len(kx), total_elapsed=duration(total.elapsed),
+                           total_eta=duration(total.eta()))
                 params = attacks.kind_params(kind, **spec.threat_of(kind).attack_kwargs(),
                                              target_rule=spec.target_rule,
                                              input_numel=int(xs[0].numel()), options=spec.kind_options(kind))
@@ -137,3 +149,14 @@ def _write_train_adv(f: Any, ckpt: dict[str, Any], threat: Threat, labels: np.nd
                            "model in eval mode",
              "at_attack_mode": rec["at_attack_mode"], "trades_bn_quirk": rec["trades_bn_quirk"]}
     _write_group(f, "train", TRAIN_ADV, feats, labels, rec["predictions"].numpy(), attrs, storage)
+
+
+def _progress_label(ev: Any) -> str:
+    """``features mnist5k/vgg11bn/at_linf32/seed1/epoch20 linf32``: run, checkpoint and threat."""
+    from .grid import regime_id
+
+    m = ev.meta
+    regime = regime_id(m["method"], ev.ckpt["spec"].get("adversary"))
+    t = ev.spec.threat
+    run = f"{m['dataset']}/{m['arch']}/{regime}/seed{m['seed']}"
+    return f"features {run}/epoch{ev.ckpt['epoch']} {t.norm}{t.epsilon:g}"

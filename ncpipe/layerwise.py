@@ -37,6 +37,7 @@ from .data import to_float
 from .grid import regime_id
 from .io import create_dump, set_attrs, write_matrix
 from .metrics import ClassStats, NCCAccuracy
+from .progress import Meter, log_header
 from .runtime import autocast
 from .session import open_evaluation
 from .specs import LayerwiseSpec
@@ -112,6 +113,7 @@ def analyse_layers(
     device: torch.device | str = "cpu",
     amp: torch.dtype | None = None,
     pinv_cutoff: str = "float32",
+    label: str = "layerwise",
 ) -> dict[str, Any]:
     """Stream ``xs`` (uint8 or float in [0, 1]) and ``attack(x, y)`` of it through ``net``; stats per probe.
 
@@ -139,13 +141,17 @@ def analyse_layers(
         with autocast(device.type, amp):
             return net(x)
 
-    def batches() -> Any:
+    def batches(what: str) -> Any:
+        meter = Meter(f"{label} {what}", -(-len(xs) // batch_size), unit="batch")
         for i in range(0, len(xs), batch_size):
             yield i, as_float(xs[i : i + batch_size]).to(device), ys[i : i + batch_size].to(device)
+            meter.update(1, len(ys[i : i + batch_size]))
+        meter.close()
+        meter.line(f"{what} done", kinds="+".join(kinds), images=len(xs))
 
     with ProbeHooks(probes) as hooks:
         # pass 1: class sums per probe, the subsample, and the perturbed inputs for pass 2
-        for i, xb, yb in batches():
+        for i, xb, yb in batches("pass 1 (attack, class means)"):
             sel = keep[i : i + len(yb)] if keep is not None else None
             inputs = {"clean": xb}
             if attack is not None:
@@ -169,7 +175,7 @@ def analyse_layers(
             s.freeze()
         ncc_clean = {n: NCCAccuracy(stats[("clean", n)].means) for n in names} if attack is not None else {}
         # pass 2: within-class projections and NCC accuracies, on exactly the same inputs
-        for j, (_, xb, yb) in enumerate(batches()):
+        for j, (_, xb, yb) in enumerate(batches("pass 2 (projections, NCC)")):
             inputs = {"clean": xb}
             if attack is not None:
                 inputs["pgd"] = replay[j].to(device)
@@ -221,9 +227,14 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
             "num_classes": ev.num_classes, **ev.provenance(), "per_class": lw.per_class, "pool": lw.pool,
             "probes": [n for n, _ in probes]}
     xs, ys = ev.data.split(split)
+    run = f"{meta['dataset']}/{meta['arch']}/{regime}/seed{meta['seed']}"
+    label = f"layerwise {run}/epoch{ckpt['epoch']} {threat.norm}{threat.epsilon:g} {split}"
+    log_header(label, {"probes": len(probes), "images": len(ys), **threat.attrs(),
+                       "batch_size": spec.batch_size, "checkpoint": checkpoint}, ev.device, spec.runtime,
+               ev.amp, logger=log)
     res = analyse_layers(ev.net, probes, xs, ys, num_classes=ev.num_classes, batch_size=spec.batch_size,
                          attack=attack, per_class=lw.per_class, pool=lw.pool, device=ev.device, amp=ev.amp,
-                         pinv_cutoff=spec.metrics.pinv_cutoff)
+                         pinv_cutoff=spec.metrics.pinv_cutoff, label=label)
     log.info("%s: network accuracy clean %.4f, pgd %.4f", split, res["accuracy"]["clean"],
              res["accuracy"]["pgd"])
     rows: list[dict[str, Any]] = []

@@ -97,9 +97,19 @@ def _labels(y: ArrayLike, n: int, num_classes: int, device: torch.device) -> tor
     return t
 
 
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (the numpy path must never load it)."""
+    return type(x).__module__.split(".", 1)[0] == "torch"
+
+
+def _numpy_inputs(*xs: Any) -> bool:
+    """True when no input is a torch tensor: the metrics then run in numpy alone (``_neural_collapse_np``)."""
+    return not any(_is_tensor(x) for x in xs if x is not None)
+
+
 def _as_array(x: ArrayLike) -> ArrayLike:
     """Torch tensors stay; anything else becomes a numpy array (its chunks are then cast by numpy: faster)."""
-    return x if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x if _is_tensor(x) else np.asarray(x)
 
 
 def _device_of(x: ArrayLike) -> torch.device:
@@ -171,7 +181,7 @@ def _num_classes(labels: ArrayLike, weight: ArrayLike | None, num_classes: int |
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -216,6 +226,14 @@ def _equinorm(vectors: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------------ class means
 def class_means(features: ArrayLike, labels: ArrayLike, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means (C, D) float64 and counts (C,) int64. Rows of absent classes are NaN."""
+    if _numpy_inputs(features, labels):
+        h = np.asarray(features)
+        if h.ndim != 2:
+            raise ValueError(f"features must be 2-D (N, D); got shape {h.shape}")
+        if h.shape[0] == 0:
+            raise ValueError("no samples")
+        sums, counts = _class_totals_np(h, _labels_np(labels, h.shape[0], num_classes), num_classes)
+        return _means_np(sums, counts), counts
     stats = ClassStats(num_classes)
     for xs, ys in _row_chunks(features, labels):
         stats.update(xs, ys)
@@ -253,6 +271,8 @@ def ncc_predict(features: ArrayLike, means: ArrayLike) -> np.ndarray:
     feats = _as_array(features)
     if feats.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
+    if _numpy_inputs(features, means):
+        return _ncc_predict_np(feats, means)
     rule = _NCCRule(means, _device_of(feats))
     if rule.means.shape[1] != feats.shape[1]:
         raise ValueError(f"means have dimension {rule.means.shape[1]}, features {feats.shape[1]}")
@@ -291,6 +311,14 @@ def ncc_accuracy(features: ArrayLike, labels: ArrayLike, means: ArrayLike) -> fl
     With the clean *train* means of the final network this is the paper's robust NCC classifier, for any
     split and perturbation.
     """
+    if _numpy_inputs(features, labels, means):
+        h = np.asarray(features)
+        if h.ndim != 2:
+            raise ValueError(f"features must be 2-D (N, D); got shape {h.shape}")
+        if h.shape[0] == 0:
+            return float("nan")
+        y = _labels_np(labels, h.shape[0], int(np.shape(means)[0]))
+        return float(np.count_nonzero(_ncc_predict_np(h, means) == y)) / h.shape[0]
     acc = NCCAccuracy(means)
     for xs, ys in _row_chunks(_as_array(features), labels):
         acc.update(xs, ys)
@@ -532,9 +560,11 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     if feats.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(feats.shape)}")
     n, d = feats.shape
-    dev = _device_of(feats)
     if n == 0:
         raise ValueError("no samples")
+    if _numpy_inputs(features, labels, weight, bias):
+        return _neural_collapse_np(feats, labels, weight, bias, num_classes, pinv_cutoff)
+    dev = _device_of(feats)
     c = _num_classes(labels, weight, num_classes)
     w = b = None
     if weight is not None:
@@ -554,23 +584,133 @@ def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | 
     for xs, ys in _row_chunks(feats, lab, _block_rows(d)):
         stats._within64(_features64(xs), ys, w, b)
 
-    out: dict[str, float] = dict(stats.nc1())
-    present = stats.counts > 0
-    centred = stats.centred_means()
+    wn = None if w is None else w.cpu().numpy()
+    return _summary(stats.nc1(), stats.counts > 0, stats.centred_means(), wn, stats._net_agree,
+                    stats._net_correct, stats.ncc_accuracy, n)
+
+
+def _summary(nc1: dict[str, float], present: np.ndarray, centred: np.ndarray, w: np.ndarray | None,
+             net_agree: int, net_correct: int, ncc_acc: float, n: int) -> dict[str, float]:
+    """The result dict of ``neural_collapse`` from the two passes' totals (shared by both backends)."""
+    out: dict[str, float] = dict(nc1)
     out["nc2_equinorm_means"] = _equinorm(centred)
     out["nc2_equiangular_means"] = _coherence(centred)
     if w is not None:
-        wn = w.cpu().numpy()
-        out["nc2_equinorm_weights"] = _equinorm(wn)
-        out["nc2_equiangular_weights"] = _coherence(wn)
-        wp = wn[present]
+        out["nc2_equinorm_weights"] = _equinorm(w)
+        out["nc2_equiangular_weights"] = _coherence(w)
+        wp = w[present]
         with np.errstate(invalid="ignore", divide="ignore"):
             diff = wp / np.linalg.norm(wp) - centred / np.linalg.norm(centred)
         out["nc3"] = float((diff**2).sum())
-        out["nc4"] = 1.0 - stats._net_agree / n
-        out["accuracy"] = stats._net_correct / n
-    out["ncc_accuracy"] = stats.ncc_accuracy
+        out["nc4"] = 1.0 - net_agree / n
+        out["accuracy"] = net_correct / n
+    out["ncc_accuracy"] = ncc_acc
     return out
+
+
+# ---------------------------------------------------------------------------------- numpy path (no torch)
+# The metrics stage reads numpy arrays from HDF5, and importing torch was most of its job's time (~2 s of
+# ~3.5 s). With no torch tensor among the inputs the same two passes run in numpy alone: the same formulas in
+# the same order (the torch path's CPU products already go through numpy's BLAS where it may), so both agree
+# to rounding (tests: 1e-12 relative).
+def _labels_np(y: ArrayLike, n: int, num_classes: int) -> np.ndarray:
+    a = np.asarray(y).reshape(-1)
+    if a.dtype.kind == "f" and not bool(np.all(a == np.round(a))):
+        raise ValueError("labels must be integers")
+    a = a.astype(np.int64)
+    if a.size != n:
+        raise ValueError(f"{a.size} labels for {n} feature rows")
+    if n and (int(a.min()) < 0 or int(a.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(a.min())}, {int(a.max())}]")
+    return a
+
+
+def _class_totals_np(h: np.ndarray, y: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class sums (C, D) float64 and counts (C,) of ``h`` (any float dtype), cast to float64 per block."""
+    sums = np.zeros((c, h.shape[1]), dtype=np.float64)
+    for xs, ys in _row_chunks(h, y, _block_rows(h.shape[1])):
+        np.add.at(sums, ys, np.asarray(xs, dtype=np.float64))
+    return sums, np.bincount(y, minlength=c).astype(np.int64)
+
+
+def _means_np(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    cnt = counts.astype(np.float64)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+
+
+def _neural_collapse_np(h: np.ndarray, labels: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                        num_classes: int | None, pinv_cutoff: str) -> dict[str, float]:
+    """``neural_collapse`` for numpy inputs: ClassStats' two passes and formulas, in numpy."""
+    n, d = h.shape
+    c = int(num_classes) if num_classes is not None else (
+        int(np.shape(weight)[0]) if weight is not None else int(np.max(np.asarray(labels))) + 1)
+    pinv_keep(np.ones(1), 1, pinv_cutoff)
+    w = b = None
+    if weight is not None:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.shape != (c, d):
+            raise ValueError(f"weight has shape {w.shape}, expected ({c}, {d})")
+        b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        if b.shape[0] != c:
+            raise ValueError(f"bias has {b.shape[0]} entries, expected {c}")
+    y = _labels_np(labels, n, c)
+    sums, counts = _class_totals_np(h, y, c)
+    present = counts > 0
+    if int(present.sum()) < 2:
+        raise ValueError(f"neural collapse needs >= 2 classes with samples; {int(present.sum())} present")
+    means = _means_np(sums, counts)
+    global_mean = sums.sum(axis=0) / n
+    centred = means[present] - global_mean
+    _, sv, vh = np.linalg.svd(centred, full_matrices=False)
+    basis = np.ascontiguousarray(vh.T)
+    keep = pinv_keep(sv, d, pinv_cutoff)
+    classes = np.flatnonzero(present)
+    with np.errstate(invalid="ignore"):  # absent classes' NaN rows are never indexed (labels are present)
+        means_basis = means @ basis
+    centred_basis = centred @ basis
+    ncc_rhs = np.ascontiguousarray(-2.0 * centred_basis.T)
+    ncc_const = (centred_basis**2).sum(axis=1) + 2.0 * centred_basis @ (global_mean @ basis)
+    rhs = np.ascontiguousarray(np.concatenate([basis, w.T], axis=1) if w is not None else basis)
+    r = basis.shape[1]
+    proj_sq = np.zeros(r)
+    ncc_correct = net_correct = net_agree = 0
+    for xs, ys in _row_chunks(h, y, _block_rows(d)):
+        prod = np.asarray(xs, dtype=np.float64) @ rhs
+        p = prod[:, :r]
+        q = p - means_basis[ys]
+        proj_sq += np.einsum("ij,ij->j", q, q)
+        pred = classes[np.argmin(p @ ncc_rhs + ncc_const, axis=1)]
+        ncc_correct += int(np.count_nonzero(pred == ys))
+        if b is not None:
+            net = np.argmax(prod[:, r:] + b, axis=1)
+            net_correct += int(np.count_nonzero(net == ys))
+            net_agree += int(np.count_nonzero(net == pred))
+    k = int(present.sum())
+    if not bool(keep.any()):
+        nc1 = {"nc1": float("nan"), "nc1_over_c": float("nan")}
+    else:
+        val = float((proj_sq[keep] / sv[keep] ** 2).sum()) * k / n
+        nc1 = {"nc1": val, "nc1_over_c": val / k}
+    return _summary(nc1, present, centred, w, net_agree, net_correct, ncc_correct / n, n)
+
+
+def _ncc_predict_np(h: np.ndarray, means: ArrayLike) -> np.ndarray:
+    """The NCC rule of ``_NCCRule`` in numpy (chunked; NaN rows of ``means`` never win)."""
+    m = np.asarray(means, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError("means must be 2-D (C, D)")
+    valid = np.isfinite(m).all(axis=1)
+    if not bool(valid.any()):
+        raise ValueError("no finite class mean")
+    if m.shape[1] != h.shape[1]:
+        raise ValueError(f"means have dimension {m.shape[1]}, features {h.shape[1]}")
+    classes, mv = np.flatnonzero(valid), m[valid]
+    sq = (mv**2).sum(axis=1)
+    step = _chunk_rows(h.shape[1])
+    out = [classes[np.argmin(sq[None, :] - 2.0 * (np.asarray(h[i : i + step], dtype=np.float64) @ mv.T),
+                             axis=1)] for i in range(0, h.shape[0], step)]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------ simplex alignment

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -18,14 +19,49 @@ from .specs import RuntimeSpec
 log = logging.getLogger("ncpipe.runtime")
 
 
+# Exit status of a stage that was asked for a GPU and sees none (README, `ncpipe -h`): sysexits' EX_TEMPFAIL,
+# "try again later" (on a node that has one), distinct from the generic 1 and inspect's 2 / 3.
+EXIT_NO_GPU = 75
+
+
+class DeviceUnavailableError(RuntimeError):
+    """A GPU was asked for (``runtime.device: cuda``, or GPU resources of a scheduled job); none is seen."""
+
+
+def _no_cuda_message(why: str) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{why}, but torch sees no CUDA device (torch.cuda.is_available() is False; "
+            f"CUDA_VISIBLE_DEVICES={visible!r}); refusing to run on the CPU instead. Check the node's GPU "
+            "allocation (e.g. the SLURM partition / --gpus) or set runtime.device: cpu or auto")
+
+
+def require_gpu(gpus: int) -> None:
+    """Fail at the start of a job that was scheduled with ``gpus`` > 0 GPUs and sees none.
+
+    Enforced inside a scheduler's allocation (``SLURM_JOB_ID`` set) or with ``NCPIPE_REQUIRE_GPU=1``: in a
+    local run the rules' ``gpu`` resource is only a concurrency token (profiles/default), and the default
+    ``device: auto`` then runs on the CPU of a machine without one, saying so with a WARNING.
+    """
+    if gpus <= 0 or not (os.environ.get("SLURM_JOB_ID") or os.environ.get("NCPIPE_REQUIRE_GPU") == "1"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(_no_cuda_message(f"this job was scheduled with {gpus} GPU(s)"))
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # loud on purpose: a cluster job that landed on a node without CUDA would otherwise train on the CPU
+        # for days without a word
+        log.warning("runtime.device: auto chose %s%s", dev,
+                    f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+                    else f" ({torch.get_num_threads()} threads): no CUDA device is visible")
+        return dev
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "config asks for device 'cuda' but no CUDA device is visible; use device: auto or cpu"
-        )
+        raise DeviceUnavailableError(_no_cuda_message("the config asks for runtime.device: cuda"))
     return dev
 
 
@@ -34,13 +70,24 @@ def runtime_setup(runtime: RuntimeSpec | dict[str, Any]) -> tuple[torch.device, 
     rt = RuntimeSpec.from_dict(runtime, "runtime")
     device = pick_device(rt.device)
     if rt.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _deterministic(compiled=rt.compile)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     # bf16 autocast only pays on GPUs; on CPU it would slow down and change numerics, so it is ignored there
     amp = torch.bfloat16 if rt.amp and device.type == "cuda" else None
     return device, amp
+
+
+def _deterministic(compiled: bool) -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without its import of torch._inductor
+    when nothing is compiled: that import (for inductor's own ``deterministic`` flag, read only by compiled
+    code) pulls in torch._dynamo, ~2.5 s of every train/features/layerwise job on a CPU."""
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if compiled or set_flag is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_flag(True, warn_only=True)
 
 
 def autocast(device_type: str, amp: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -15,7 +15,6 @@ typed training spec in ``ncpipe.specs``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import random
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from . import attacks
 from .checkpoint import (
@@ -39,6 +37,7 @@ from .checkpoint import (
 )
 from .data import ImageData, load_data, to_float
 from .models import NCModel, build_model
+from .progress import Meter, duration, log_header
 from .runtime import autocast, prepare_model, runtime_setup
 from .specs import TrainSpec
 from .utils import atomic_output, link_or_copy, seed_everything, spec_hash
@@ -199,6 +198,7 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     cell = f"{data.name}/{spec.arch}/{spec.method}/seed{spec.seed}"
+    label = _progress_label(spec, data)
 
     resume = Path(resume_dir)
     ckpt_dir = resume / "checkpoints"
@@ -219,9 +219,9 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         save_atomic(checkpoint_payload(model, spec, data, 0), ckpt_dir / "epoch0.pt")
 
     epochs, n = opt.epochs, len(x_tr)
-    bar = tqdm(range(start_epoch, epochs), desc=f"train {cell}", initial=start_epoch, total=epochs,
-               mininterval=5, dynamic_ncols=True)
-    for epoch in bar:  # ``epoch`` counts completed epochs before this one
+    _log_train_header(label, spec, data, device, amp, start_epoch)
+    bar = Meter(label, epochs, initial=start_epoch, unit="epoch")
+    for epoch in range(start_epoch, epochs):  # ``epoch`` counts completed epochs before this one
         t0 = time.time()
         net.train()
         order = torch.randperm(n, generator=gens["shuffle"]).to(device)
@@ -231,6 +231,7 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         record = spec.method != "st" and bool(spec.record_adversarial)
         x_adv_epoch = torch.empty(x_tr.shape) if record and epoch + 1 in checkpoint_outputs else None
         sums = {"loss": 0.0, "correct": 0, "robust_loss": 0.0, "robust_correct": 0}
+        beat = Meter(f"{label} epoch {epoch + 1}/{epochs}", len(batches), unit="batch")
         for i, idx in enumerate(batches):
             lr = lr_at(epoch + (i + 1) / len(batches), epochs, opt.lr, list(opt.lr_milestones), opt.lr_decay)
             for g in optimizer.param_groups:
@@ -254,15 +255,15 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
                 rl = out["robust_logits"].float()
                 sums["robust_loss"] += F.cross_entropy(rl, yb, reduction="sum").item()
                 sums["robust_correct"] += (rl.argmax(1) == yb).sum().item()
+            beat.update(1, len(idx), loss=sums["loss"] / beat.images if beat.images else math.nan)
+        beat.close()
         robust = "robust_logits" in out
         row = {"epoch": epoch + 1, "lr": lr, "loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
                "robust_loss": sums["robust_loss"] / n if robust else math.nan,
                "robust_acc": sums["robust_correct"] / n if robust else math.nan,
                "test_acc": evaluate_accuracy(net, x_te, y_te, amp=amp), "seconds": time.time() - t0}
         rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}",
-                        test=f"{row['test_acc']:.3f}")
-        log.info("epoch %d %s", epoch + 1, json.dumps({k: round(v, 5) for k, v in row.items()}))
+        _epoch_progress(bar, row, n)
         check_finite_weights(model, cell, epoch + 1)
         # Order matters for a kill between the two writes: the checkpoint of epoch e is durable before the
         # state claims epoch e done, so a resumed run never lacks a checkpoint it believes written (at worst
@@ -272,10 +273,13 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
             if x_adv_epoch is not None:
                 payload["train_adversarial"] = adversarial_record(model, x_adv_epoch, spec, amp)
             save_atomic(payload, ckpt_dir / f"epoch{epoch + 1}.pt")
+            _checkpoint_progress(bar, epoch + 1, ckpt_dir / f"epoch{epoch + 1}.pt")
         save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "rng": _rng_state(gens), "rows": rows}, state_file)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            bar.close()
             return
+    bar.close()
 
     with atomic_output(log_csv) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
@@ -284,3 +288,36 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
     for e, out_path in checkpoint_outputs.items():
         link_or_copy(ckpt_dir / f"epoch{e}.pt", out_path)
     shutil.rmtree(resume)
+
+
+# ------------------------------------------------------------------------------------------- progress lines
+def _progress_label(spec: TrainSpec, data: ImageData) -> str:
+    """``train mnist5k/vgg11bn/at_linf32/seed1``: the regime, as the workflow names the run."""
+    from .grid import regime_id
+
+    adv = spec.to_dict().get("adversary")
+    return f"train {data.name}/{spec.arch}/{regime_id(spec.method, adv)}/seed{spec.seed}"
+
+
+def _log_train_header(label: str, spec: TrainSpec, data: ImageData, device: torch.device,
+                      amp: torch.dtype | None, start_epoch: int) -> None:
+    opt = spec.optim
+    summary = {"epochs": opt.epochs, "batch_size": opt.batch_size, "lr": opt.lr,
+               "train_images": len(data.y_train), "test_images": len(data.y_test), "width": spec.width,
+               "checkpoints": list(spec.checkpoints), "start_epoch": start_epoch}
+    if spec.adversary is not None:
+        a = spec.adversary.threat()
+        summary["adversary"] = f"{a.norm} eps {a.epsilon}/255 step {a.step}/255 x{a.steps}"
+    log_header(label, summary, device, spec.runtime, amp, logger=log)
+
+
+def _epoch_progress(bar: Meter, row: dict[str, float], images: int) -> None:
+    bar.update(1, images, heartbeat=False, loss=row["loss"], acc=row["train_acc"], test=row["test_acc"])
+    fields = {k: row[k] for k in ("loss", "train_acc", "robust_loss", "robust_acc", "test_acc", "lr")
+              if not (isinstance(row[k], float) and math.isnan(row[k]))}
+    bar.line(f"epoch {int(row['epoch'])}/{bar.total}", **fields, epoch_s=round(row["seconds"], 2))
+
+
+def _checkpoint_progress(bar: Meter, epoch: int, path: Path) -> None:
+    bar.message("%s: checkpoint of epoch %d written (%s, %.1f MB, elapsed %s)", bar.label, epoch, path,
+                path.stat().st_size / 1e6, duration(bar.elapsed))

@@ -113,12 +113,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(n: int | None) -> None:
-    """Respect Snakemake's ``threads:`` so concurrent jobs do not oversubscribe the cores."""
-    if n:
+def set_threads(n: int | None, *, load_torch: bool = True) -> None:
+    """Respect Snakemake's ``threads:`` so concurrent jobs do not oversubscribe the cores.
+
+    ``load_torch=False`` (stages that never compute with torch: metrics, figures, tables) sets only
+    ``OMP_NUM_THREADS``, which torch reads if something loads it later: such a stage must not pay ~2 s of
+    torch import for a thread setting.
+    """
+    if not n:
+        return
+    if load_torch or "torch._C" in sys.modules:  # "torch._C": really loaded, not a lazy_import placeholder
         import torch
 
         torch.set_num_threads(int(n))
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(int(n))
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

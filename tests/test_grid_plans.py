@@ -111,7 +111,7 @@ def test_dry_run_of_a_grid_prints_the_job_table_not_every_job():
 def test_ncpipe_plan_json_counts_the_dry_runs_jobs():
     res = json.loads(_run(str(BIN / "ncpipe"), "plan", "--configfile", "config/paper.yaml", "--json"))
     assert res["jobs"] == job_table(dry_run("paper.yaml", "--verbose"))
-    assert res["jobs_total"] == 5047
+    assert res["jobs_total"] == 5003
     kinds = res["storage"]
     assert res["storage_bytes"] == sum(a["bytes"] for a in kinds.values())
     assert {"checkpoints", "feature dumps", "layerwise dumps", "metrics tables",
@@ -152,4 +152,4 @@ def test_plan_of_a_bad_config_names_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'methods[1]'" in err and "'sgd'" in err and "['st', 'at', 'trades']" in err
     main(["plan", "--configfile", str(ROOT / "config" / "config.yaml")])
-    assert "total                               60" in capsys.readouterr().out
+    assert "total                               55" in capsys.readouterr().out

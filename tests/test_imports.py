@@ -39,9 +39,18 @@ def test_aggregates_and_summary_never_load_torch(tmp_path):
         assert _loaded(*argv) == {"torch._C": False, "scipy": False, "matplotlib": False}, argv
 
 
-def test_metrics_module_loads_torch_on_first_use():
-    code = ("import sys, numpy as np; from ncpipe import metrics; before = 'torch._C' in sys.modules; "
-            "v = metrics.neural_collapse(np.eye(3), np.arange(3)); print(before, 'torch._C' in sys.modules, "
-            "round(v['nc1'], 12))")
+def test_metrics_of_numpy_inputs_never_load_torch():
+    code = ("import sys, numpy as np; from ncpipe import metrics; h = np.eye(3); y = np.arange(3); "
+            "v = metrics.neural_collapse(h, y, weight=np.eye(3), bias=np.zeros(3)); "
+            "metrics.class_means(h, y, 3); metrics.ncc_accuracy(h, y, h); metrics.ncc_predict(h, h); "
+            "metrics.simplex_alignment(h, h); print('torch._C' in sys.modules, round(v['nc1'], 12))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "True", "0.0"]
+    assert out.split() == ["False", "0.0"]
+
+
+def test_the_metrics_stage_never_loads_torch(tmp_path, tiny_dump):
+    # --threads as the rule passes it: setting the thread count must not import torch either
+    argv = ["--threads", "1", "metrics", "--dump", str(tiny_dump["dump"]), "--regime", "st",
+            "--out", str(tmp_path / "m.csv")]
+    assert _loaded(*argv) == {"torch._C": False, "scipy": False, "matplotlib": False}
+    assert (tmp_path / "m.csv").stat().st_size > 0

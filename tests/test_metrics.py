@@ -152,10 +152,20 @@ def test_permutation_and_scaling_invariance() -> None:
 
 
 def test_torch_and_numpy_inputs_agree() -> None:
-    h, y, w, b = random_problem(300, 40, 6, seed=2)
+    # numpy inputs run the numpy-only path, tensors the torch path: equal up to rounding
+    h, y, w, b = random_problem(300, 40, 6, seed=2, absent=(3,))
     a = metrics.neural_collapse(h, y, w, b)
     t = metrics.neural_collapse(*(torch.from_numpy(a) for a in (h, y, w, b)))
     assert_close_dict(t, a, rtol=1e-12, atol=1e-15)
+    for pinv in ("float32", "float64"):
+        assert_close_dict(metrics.neural_collapse(torch.from_numpy(h), torch.from_numpy(y), pinv_cutoff=pinv),
+                          metrics.neural_collapse(h, y, pinv_cutoff=pinv), rtol=1e-12, atol=1e-15)
+    means_np, counts_np = metrics.class_means(h, y, 6)
+    means_t, counts_t = metrics.class_means(torch.from_numpy(h), torch.from_numpy(y), 6)
+    assert np.array_equal(counts_np, counts_t) and np.isnan(means_np[3]).all()
+    np.testing.assert_allclose(means_np, means_t, rtol=1e-12, atol=1e-15)
+    assert metrics.ncc_accuracy(h, y, means_np) == metrics.ncc_accuracy(torch.from_numpy(h), y, means_t)
+    assert np.array_equal(metrics.ncc_predict(h, means_np), metrics.ncc_predict(torch.from_numpy(h), means_t))
     # float16 / float64 / integer labels as float tensors: all computed in float64
     h16 = h.astype(np.float16)
     assert_close_dict(metrics.neural_collapse(torch.from_numpy(h16), y.astype(np.float32)),

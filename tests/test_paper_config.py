@@ -14,6 +14,7 @@ import yaml
 
 from ncpipe import grid
 from ncpipe.config import load_config, validate_config
+from ncpipe.families import TABLES
 from ncpipe.figures import FAMILIES, figure_targets, parse_stem
 from ncpipe.tables import table_targets
 from ncpipe.train import lr_at
@@ -138,6 +139,8 @@ def test_full_paper_grid_plans_with_no_dataset_present(tmp_path):
     assert counts["accuracy_table"] == 2
     for fam in FAMILIES:
         n = sum(1 for t in figure_targets(cfg_full) if f"/{fam}/" in t) // len(cfg_full["figures"]["formats"])
+        if FAMILIES[fam].table in TABLES:  # one job draws a family read from an aggregated table
+            n = int(n > 0)
         if FAMILIES[fam].table != "layerwise" or f"figure_{fam}" in counts:
             assert counts.get(f"figure_{fam}", 0) == n, fam
 

@@ -80,12 +80,12 @@ wildcard_constraints:
 # (small inputs are checksum-compared, so a bare `touch` reruns nothing).
 STAGE_MODULES = {
     "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
-              "utils"],
+              "utils", "progress", "grid", "paths"],
     "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "session",
-                 "extract", "io", "utils", "external"],
+                 "extract", "io", "utils", "progress", "grid", "paths", "external"],
     "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "external"],
+                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress", "external"],
     "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
     "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
 }
@@ -119,6 +119,23 @@ def figure_rule_outputs(family):
     out = [families.figure_path(family, fam.stem, ext) for ext in formats]
     out[0] = report(out[0], caption=f"../report/{family}.rst", category=fam.category, subcategory=sub,
                     labels=labels)
+    return out
+
+
+def family_figure_outputs(family):
+    """Every file of a one-job family (each figure in every format); the first format of each goes into the
+    report, labelled from its stem (the rule has no wildcards)."""
+    fam = families.FAMILIES[family]
+    keys = [k for k in REPORT_LABELS if k in families.stem_keys(family)]
+    out = []
+    for stem in families.figure_stems(config, family):
+        w = families.parse_stem(family, stem)
+        sub = " / ".join(w[k] for k in ("dataset", "arch") if k in keys)
+        labels = {REPORT_LABELS[k][0]: REPORT_LABELS[k][1].format(**w) for k in keys}
+        for i, ext in enumerate(config["figures"]["formats"]):
+            path = families.figure_path(family, stem, ext)
+            out.append(report(path, caption=f"../report/{family}.rst", category=fam.category,
+                              subcategory=sub, labels=labels) if i == 0 else path)
     return out
 
 

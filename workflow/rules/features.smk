@@ -16,5 +16,6 @@ rule features:
     conda:
         "../envs/ncpipe.yaml"
     shell:
-        "ncpipe --threads {threads} features --spec {params.spec:q} --checkpoint {input.checkpoint:q}"
+        "ncpipe --threads {threads} --gpus {resources.gpu}"
+        " features --spec {params.spec:q} --checkpoint {input.checkpoint:q}"
         " --out {output.h5:q} > {log:q} 2>&1"

@@ -1,11 +1,15 @@
-# Figures, tables and the training-log table.  Every figure family is its own rule (figure_<family>) with one
-# job per figure file set (all formats of one figure), so a figure option reruns figures only.  File names carry
-# the wildcards (dataset, arch, regime, threat) so the main, l_2 and ImageNette grids never collide; the first
-# configured format goes into `snakemake --report` with a caption from workflow/report/<family>.rst.
+# Figures, tables and the training-log table.  Every figure family is its own rule (figure_<family>).  A family
+# drawn from one aggregated table (metrics, layerwise, training logs) is ONE job that draws all its figures: each
+# of them reads that whole table, so a change of any cell reran all of them before too, and one process saves
+# the ~2 s of importing matplotlib/seaborn per figure (22 jobs -> 7 in the default run).  The families read
+# from per-threat inputs (leap tables, feature dumps) stay one job per figure.  File names carry the wildcards
+# (dataset, arch, regime, threat) so the main, l_2 and ImageNette grids never collide; the first configured
+# format goes into `snakemake --report` with a caption from workflow/report/<family>.rst.  A figure option
+# (formats, dpi, context) is a param: it reruns the figure rules only.
 # The names come from ncpipe.families (no plotting imports: parsing the workflow loads no matplotlib).
 for _family, _fam in families.FAMILIES.items():
-    if _fam.table == "features":
-        continue  # drawn from the feature dumps themselves (rule figure_simplex_projection)
+    if _fam.table not in families.TABLES or not families.figure_stems(config, _family):
+        continue  # per-figure rules below (leap_matrix, simplex_projection); a family the config lacks
 
     rule:
         name:
@@ -14,16 +18,16 @@ for _family, _fam in families.FAMILIES.items():
             table=families.family_table(_family),
             code=code("figures"),
         output:
-            figure_rule_outputs(_family),
+            family_figure_outputs(_family),
         params:
             family=_family,
             spec=grid.figures_spec(config),
             outdir=lambda wc, output: os.path.dirname(output[0]),
-            stem=lambda wc, pattern=_fam.stem: pattern.format(**dict(wc.items())),
+            stems=families.figure_stems(config, _family),
         log:
-            paths.log("figures", f"{paths.FIGURE_DIR}/{_family}/{_fam.stem}"),
+            paths.log("figures", f"{paths.FIGURE_DIR}/{_family}"),
         benchmark:
-            paths.benchmark("figures", f"{paths.FIGURE_DIR}/{_family}/{_fam.stem}")
+            paths.benchmark("figures", f"{paths.FIGURE_DIR}/{_family}")
         threads: 1
         resources:
             gpu=0,  # CPU only: memory, runtime and partition come from the profile
@@ -31,7 +35,33 @@ for _family, _fam in families.FAMILIES.items():
             "../envs/ncpipe.yaml"
         shell:
             "ncpipe figures --family {params.family} --table {input.table:q} --outdir {params.outdir:q}"
-            " --spec {params.spec:q} {params.stem:q} > {log:q} 2>&1"
+            " --spec {params.spec:q} {params.stems:q} > {log:q} 2>&1"
+
+
+# The leap-matrix figure of one (dataset, arch, threat), from that threat's leap table.
+rule figure_leap_matrix:
+    input:
+        table=families.family_table("leap_matrix"),
+        code=code("figures"),
+    output:
+        figure_rule_outputs("leap_matrix"),
+    params:
+        family="leap_matrix",
+        spec=grid.figures_spec(config),
+        outdir=lambda wc, output: os.path.dirname(output[0]),
+        stem=lambda wc: families.FAMILIES["leap_matrix"].stem.format(**dict(wc.items())),
+    log:
+        paths.log("figures", f"{paths.FIGURE_DIR}/leap_matrix/{families.FAMILIES['leap_matrix'].stem}"),
+    benchmark:
+        paths.benchmark("figures", f"{paths.FIGURE_DIR}/leap_matrix/{families.FAMILIES['leap_matrix'].stem}")
+    threads: 1
+    resources:
+        gpu=0,  # CPU only: memory, runtime and partition come from the profile
+    conda:
+        "../envs/ncpipe.yaml"
+    shell:
+        "ncpipe figures --family {params.family} --table {input.table:q} --outdir {params.outdir:q}"
+        " --spec {params.spec:q} {params.stem:q} > {log:q} 2>&1"
 
 
 rule accuracy_table:

@@ -58,7 +58,8 @@ rule layerwise:
     conda:
         "../envs/ncpipe.yaml"
     shell:
-        "ncpipe --threads {threads} layerwise --spec {params.spec:q} --checkpoint {input.checkpoint:q}"
+        "ncpipe --threads {threads} --gpus {resources.gpu}"
+        " layerwise --spec {params.spec:q} --checkpoint {input.checkpoint:q}"
         " --regime {wildcards.regime} --out-csv {output.table:q} --out-h5 {output.h5:q} > {log:q} 2>&1"
 
 

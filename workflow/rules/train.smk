@@ -17,5 +17,6 @@ rule train:
     conda:
         "../envs/ncpipe.yaml"
     shell:
-        "ncpipe --threads {threads} train --spec {params.spec:q} --log-csv {output.log_csv:q}"
+        "ncpipe --threads {threads} --gpus {resources.gpu}"
+        " train --spec {params.spec:q} --log-csv {output.log_csv:q}"
         " --resume-dir {params.resume_dir:q} {output.checkpoints:q} > {log:q} 2>&1"
