@@ -156,7 +156,7 @@ def _progress_label(ev: Any) -> str:
     from .grid import regime_id
 
     m = ev.meta
-    regime = regime_id(m["method"], ev.ckpt["spec"].get("adversary"))
+    regime = m.get("regime") or regime_id(m["method"], ev.ckpt["spec"].get("adversary"))  # external: its own
     t = ev.spec.threat
     run = f"{m['dataset']}/{m['arch']}/{regime}/seed{m['seed']}"
     return f"features {run}/epoch{ev.ckpt['epoch']} {t.norm}{t.epsilon:g}"
