@@ -355,11 +355,16 @@ def _kl_rows(logits_ref: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor
 
 
 def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: float, step: float, steps: int,
-                        generator: torch.Generator | None, amp_dtype: torch.dtype | None) -> torch.Tensor:
+                        generator: torch.Generator | None, amp_dtype: torch.dtype | None,
+                        project_start: bool = False) -> torch.Tensor:
     """The KL inner maximisation, assuming the caller has set the model mode and put ``x`` on its device."""
     with torch.no_grad(), _autocast(x, amp_dtype):
         ref = model(x).float()  # the clean distribution is a fixed target of the inner problem
-    delta = _project_delta(x, 0.001 * _randn(x.shape, x, generator), norm, epsilon)
+    delta = 0.001 * _randn(x.shape, x, generator)
+    if project_start:
+        # ncpipe's variant; the authors take the first gradient at the unprojected start, which on saturated
+        # MNIST pixels lies outside [0, 1]
+        delta = _project_delta(x, delta, norm, epsilon)
     with torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
@@ -380,17 +385,19 @@ def trades_attack(
     epsilon: float,
     step: float,
     steps: int,
+    project_start: bool = False,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """TRADES' inner maximisation (Zhang et al. 2019; paper section 1.4); returns ``x_adv``.
 
-    Starts at x + 0.001 * N(0, I) (projected into the ball and box) and ascends
-    KL(softmax f(x) || softmax f(x_adv)) with the clean probabilities fixed, for ``steps`` steps, projecting
-    onto the eps-ball and [0, 1] after each.  l_inf: signed steps of size ``step`` (paper: eps 8/255, step
-    2/255, 10 steps).  l_2: normalised-gradient steps of size ``step``.  The authors' l_2 variant runs plain
-    SGD on delta with lr 2 * eps / steps on the normalised gradient, then a box clamp and a renorm to eps;
-    that is the same update when ``step = 2 * epsilon / steps``, so pass that step to match it.
+    Starts at x + 0.001 * N(0, I), as the authors do *not* projected into [0, 1] (``project_start=True``:
+    ncpipe's variant, projected into the ball and the box), and ascends KL(softmax f(x) || softmax f(x_adv))
+    with the clean probabilities fixed, for ``steps`` steps, projecting onto the eps-ball and [0, 1] after
+    each.  l_inf: signed steps of size ``step`` (paper: eps 8/255, step 2/255, 10 steps).  l_2:
+    normalised-gradient steps of size ``step``.  The authors' l_2 variant runs plain SGD on delta with lr
+    2 * eps / steps on the normalised gradient, then a box clamp and a renorm to eps; that is the same update
+    when ``step = 2 * epsilon / steps`` (``specs.authors_trades_step``, the training default).
 
     The model is in eval mode during the attack and each submodule's mode is restored afterwards; see
     :func:`trades_loss` for the authors' variant that never restores it.  The output is inside the ball and
@@ -399,7 +406,7 @@ def trades_attack(
     _check_norm(norm)
     x = x.detach().to(device=_model_device(model, x), dtype=_work_dtype(x))
     with _mode(model, False):
-        return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype)
+        return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype, project_start)
 
 
 class TradesLoss(NamedTuple):
@@ -422,6 +429,7 @@ def trades_loss(
     step: float,
     steps: int,
     bn_quirk: bool = False,
+    project_start: bool = False,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> TradesLoss:
@@ -432,9 +440,11 @@ def trades_loss(
     logits (as in TRADES).  The adversarial logits are returned so that a caller logging robust accuracy needs
     no third forward pass (which, in train mode, would update the BN running stats once more).
 
-    ``bn_quirk=False`` (default, the correct behaviour): the attack runs in eval mode and the model's previous
-    modes are restored before the two loss forward passes, so a training model uses batch statistics there and
-    updates its BN running stats.
+    ``project_start``: see :func:`trades_attack` (False: the authors' unprojected start).
+
+    ``bn_quirk=False`` (ncpipe's variant; the training default is True, the authors'): the attack runs in eval
+    mode and the model's previous modes are restored before the two loss forward passes, so a training model
+    uses batch statistics there and updates its BN running stats.
 
     ``bn_quirk=True`` reproduces a bug in the authors' code (paper.md section 1.4 "Code quirk", section 5.5):
     their TRADES attack calls ``model.eval()`` and never switches back, so the loss forward passes run in eval
@@ -450,7 +460,7 @@ def trades_loss(
     model.eval()
     try:
         x_adv = _trades_attack_eval(model, x.detach().to(_work_dtype(x)), norm, epsilon, step, steps,
-                                    generator, amp_dtype)
+                                    generator, amp_dtype, project_start)
     finally:
         if not bn_quirk:
             for m, flag in saved:

@@ -127,6 +127,13 @@ def _semantic_checks(config: dict[str, Any]) -> None:
             f"config key 'train.checkpoints': must include the last epoch ({tr['epochs']}), which the "
             "layerwise analysis and the final-model tables read"
         )
+    keep = config["features"]["keep"]
+    if isinstance(keep, list) and not set(keep) <= set(tr["checkpoints"]):
+        raise ConfigError(
+            f"config key 'features.keep': epochs {sorted(set(keep) - set(tr['checkpoints']))} are not "
+            "checkpoints; allowed values: all, final, or epochs of train.checkpoints "
+            f"{sorted(tr['checkpoints'])}"
+        )
     if sorted(tr["lr_milestones"]) != list(tr["lr_milestones"]):
         raise ConfigError(f"config key 'train.lr_milestones': must be increasing, got {tr['lr_milestones']}")
     _external_checks(config)

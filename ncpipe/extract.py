@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import attacks
+from .checkpoint import adversarial_path, load_adversarial_record
 from .data import to_float
 from .io import create_dump, set_attrs, write_matrix
 from .progress import Meter, duration, log_header
@@ -81,7 +82,7 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
                 if kind == "targeted":
                     g.create_dataset("targets", data=targets_all.cpu().numpy().astype(np.int64))
             if TRAIN_ADV in spec.kinds and split == "train":
-                _write_train_adv(f, ckpt, threat, lab, spec.storage)
+                _write_train_adv(f, checkpoint, ckpt, threat, lab, spec.storage)
 
 
 def _kind_rows(spec: FeaturesSpec, kind: str, split: str, ys: torch.Tensor) -> torch.Tensor | None:
@@ -120,25 +121,32 @@ def _write_group(f: Any, split: str, kind: str, features: np.ndarray, labels: np
     return g
 
 
-def _write_train_adv(f: Any, ckpt: dict[str, Any], threat: Threat, labels: np.ndarray,
+def _write_train_adv(f: Any, checkpoint: str, ckpt: dict[str, Any], threat: Threat, labels: np.ndarray,
                      storage: Storage) -> None:
-    """The group ``train/train_adv``: the training-time adversarial examples recorded with the checkpoint.
+    """The group ``train/train_adv``: the training-time adversarial examples recorded beside the checkpoint.
 
     Written only where they answer the same question as the other kinds: an AT/TRADES checkpoint whose
     training threat (norm, epsilon) is this cell's evaluation threat. ST has none; another threat's cells
-    skip it (their fresh PGD is the perturbed data there).
+    skip it (their fresh PGD is the perturbed data there).  A record the user deleted
+    (``checkpoints/epoch{E}.adv.pt``) is skipped with a log line and the root attribute
+    ``train_adv_record = "missing"``: it can only be made again by retraining, which nothing here triggers.
     """
-    rec = ckpt.get("train_adversarial")
+    rec = load_adversarial_record(checkpoint, ckpt)
     if rec is None:
-        log.info("%s: no training-time adversarial examples in the checkpoint (method %s)", TRAIN_ADV,
-                 ckpt["meta"]["method"])
+        if ckpt["meta"]["method"] != "st":
+            log.warning("%s: no recorded adversarial features beside %s (%s): kind %s skipped; only "
+                        "retraining makes them again", TRAIN_ADV, checkpoint, adversarial_path(checkpoint),
+                        TRAIN_ADV)
+            f.attrs["train_adv_record"] = "missing"
+        else:
+            log.info("%s: standard training records no adversarial examples", TRAIN_ADV)
         return
     adv = Adversary.from_dict(rec["adversary"], "train_adversarial.adversary").threat()
     if adv.norm != threat.norm or float(adv.epsilon) != float(threat.epsilon):
         log.info("%s: trained at %s eps %s/255, this cell evaluates %s eps %s/255; not written", TRAIN_ADV,
                  adv.norm, adv.epsilon, threat.norm, threat.epsilon)
         return
-    feats = rec["features"].numpy()
+    feats = rec["features"].float().numpy()
     if len(feats) != len(labels):
         raise ValueError(f"the checkpoint recorded {len(feats)} training-time adversarial examples, but the "
                          f"train split has {len(labels)} samples: the data config changed since training")

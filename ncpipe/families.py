@@ -255,6 +255,21 @@ def leap_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
     ]
 
 
+def kept_dump_epochs(config: dict[str, Any]) -> list[int]:
+    """The checkpoint epochs whose feature dumps stay on disk; the others are temporary (Snakemake temp()).
+
+    ``features.keep`` (all, final, or epochs), plus the first and final epochs whenever the simplex figure
+    is drawn: it reads their dumps, and a figure option changed later must redraw it without re-attacking.
+    """
+    keep, epochs = config["features"]["keep"], sorted(config["train"]["checkpoints"])
+    if keep == "all":
+        return epochs
+    kept = {epochs[-1]} if keep == "final" else set(keep) & set(epochs)
+    if stem_wildcards(config, "simplex_projection"):
+        kept |= {epochs[0], epochs[-1]}
+    return sorted(kept)
+
+
 def simplex_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
     """The first- and final-checkpoint feature dumps of one run and threat (the config's first seed)."""
     epochs = run_epochs(config, wildcards["regime"])

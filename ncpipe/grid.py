@@ -225,13 +225,21 @@ def train_spec_of(config: dict[str, Any], wildcards: Any) -> TrainSpec:
         runtime=runtime_spec(config),
         adversary=Adversary.from_dict(tr["adversary"], "train.adversary") if method != "st" else None,
         record_adversarial=tr["record_adversarial"] if method != "st" else None,
+        record_dtype=tr["record_dtype"] if method != "st" and tr["record_adversarial"] else None,
         at_attack_mode=tr["at_attack_mode"] if method == "at" else None,
-        trades=TradesSpec(tr["trades_beta"], tr["trades_bn_quirk"]) if method == "trades" else None,
+        at_final_pass=tr["at_final_pass"] if method == "at" else None,
+        trades=TradesSpec(tr["trades_beta"], tr["trades_bn_quirk"], tr["trades_step"],
+                          tr["trades_project_start"]) if method == "trades" else None,
     )
 
 
 def train_spec(config: dict[str, Any], wildcards: Any) -> str:
     return train_spec_of(config, wildcards).to_json()
+
+
+def storage_spec(config: dict[str, Any]) -> Storage:
+    """How a job stores feature matrices (``features.keep`` is the workflow's business, not a job's)."""
+    return Storage.from_dict({k: v for k, v in config["features"].items() if k != "keep"}, "features")
 
 
 def threat_spec(config: dict[str, Any], norm: str, eps: str) -> Threat:
@@ -264,7 +272,7 @@ def features_spec_of(config: dict[str, Any], wildcards: Any) -> FeaturesSpec:
         splits=tuple(a["splits"]),
         target_rule=a["target_rule"],
         batch_size=a["batch_size"],
-        storage=Storage.from_dict(config["features"], "features"),
+        storage=storage_spec(config),
         runtime=runtime_spec(config),
         targeted=None if budget.is_identity() else budget,
         autoattack=(AutoAttackSpec.from_dict(a.get("autoattack") or {}, "attack.autoattack")

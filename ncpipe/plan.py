@@ -97,9 +97,12 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     produced = {families.TABLES["metrics"], families.TABLES["train_logs"]}
     if layerwise:
         produced.add(families.TABLES["layerwise"])
+    kept = set(families.kept_dump_epochs(config))
+    cells = grid.cells(config)
     n = {
         "train": len(grid.trained_runs(config)),
-        "features": len(grid.cells(config)),
+        "features": sum(1 for c in cells if c.epoch in kept),  # features.keep: the kept dumps' rule
+        "features_temp": sum(1 for c in cells if c.epoch not in kept),
         "layerwise": len(grid.layerwise_cells(config)) if layerwise else 0,
         "train_logs": int(bool(grid.trained_runs(config))),  # only the training curves read it
         "aggregate_layerwise": int(layerwise),
@@ -125,7 +128,8 @@ def _train_passes_per_image(config: dict[str, Any], method: str) -> tuple[int, i
     if method == "st":
         return 1, 1
     if method == "at":  # PGD steps, the update on the adversarial batch, a clean forward for the logs
-        return steps + 2, steps + 1
+        final = int(bool(config["train"]["at_final_pass"]) and config["train"]["at_attack_mode"] == "train")
+        return steps + 2 + final, steps + 1  # + the authors' unused objective pass (train.at_final_pass)
     # TRADES: the clean target, the KL-PGD steps, the loss's clean and adversarial passes
     return steps + 3, steps + 2
 
@@ -182,12 +186,22 @@ class Artifact:
         return int(round(self.kept * self.bytes_per_file))
 
 
+RECORDED = "recorded adversarial features (epoch{E}.adv.pt)"
+
+
 def retention(config: dict[str, Any], kind: str) -> tuple[set[int] | None, str]:
     """(epochs whose files of ``kind`` are kept, or None for all; the policy in words).
 
-    Every artifact of every kind is kept today (nothing is deleted automatically); a retention policy, such as
-    one for feature dumps (``features.keep``), is plugged in here and the forecast follows.
+    Feature dumps follow ``features.keep`` (the others are Snakemake temp() outputs, removed once read;
+    re-made by re-attacking their checkpoint when needed again).  Every other kind is kept: checkpoints and
+    recorded adversarial features can only be made again by retraining and are never deleted automatically.
     """
+    if kind == "feature dumps":
+        keep = config["features"]["keep"]
+        kept = set(families.kept_dump_epochs(config))
+        if keep == "all":
+            return None, "all kept"
+        return kept, f"kept at epochs {sorted(kept)}, others temporary (features.keep: {keep})"
     return None, "all kept"
 
 
@@ -213,6 +227,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
                                                           int(lw.get("pool", 0)))
     epochs = sorted(config["train"]["checkpoints"])
     record = bool(config["train"]["record_adversarial"])
+    rdtype = config["train"]["record_dtype"]
     acc: dict[str, list[float]] = {}  # kind -> [files, kept, bytes kept]
 
     def add(kind: str, files: list[int], nbytes: float) -> None:
@@ -227,8 +242,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         add("checkpoints", epochs, sh.checkpoint_bytes)
         if run.method != "st" and record:
-            add("recorded adversarial features (in checkpoints)", epochs,
-                n["train"] * (sh.feature_dim * 4 + _INT64))
+            add(RECORDED, epochs, n["train"] * (sh.feature_dim * _DTYPE_BYTES[rdtype] + _INT64))
     for cell in grid.cells(config, external=False):
         run = cell.run
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
@@ -255,7 +269,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
     out = []
     for kind, (files, kept, nbytes) in acc.items():
         dtype = {"checkpoints": "float32 (state dict)", "metrics tables": "CSV"}.get(
-            kind, "float32" if kind.startswith("recorded") else fdtype)
+            kind, rdtype if kind == RECORDED else fdtype)
         out.append(Artifact(kind, int(files), int(kept), nbytes / kept if kept else 0.0, dtype,
                             retention(config, kind)[1]))
     return out

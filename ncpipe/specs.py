@@ -262,10 +262,27 @@ class Adversary(Spec):
         return Threat(self.norm, self.epsilon, self.step, self.steps)
 
 
+def authors_trades_step(adversary: Adversary) -> float:
+    """The step of the authors' TRADES attack (1/255 units): ``--pgd-alpha`` at l_inf; at l_2 their attack
+    ignores it and steps with lr = 2 * epsilon / steps (25.6 at 128/255 and 10 steps)."""
+    if adversary.norm == "l2":
+        return 2.0 * adversary.epsilon / adversary.steps
+    return adversary.step
+
+
 @dataclass(frozen=True)
 class TradesSpec(Spec):
+    """TRADES's options (config ``train.trades_*``); ``step`` None means :func:`authors_trades_step`."""
+
     beta: float
     bn_quirk: bool
+    step: float | None = None
+    project_start: bool = False
+
+    def threat(self, adversary: Adversary) -> Threat:
+        """The threat TRADES's inner attack runs with: the training threat with TRADES's own step."""
+        step = authors_trades_step(adversary) if self.step is None else self.step
+        return Threat(adversary.norm, adversary.epsilon, step, adversary.steps)
 
 
 # External checkpoints (config ``external``): cells without a train job, regime ``ext_<name>``, one epoch.
@@ -322,7 +339,9 @@ class TrainSpec(Spec):
     runtime: RuntimeSpec
     adversary: Adversary | None = field(default=None, metadata=_OPT)
     record_adversarial: bool | None = field(default=None, metadata=_OPT)
+    record_dtype: str | None = field(default=None, metadata=_OPT)
     at_attack_mode: str | None = field(default=None, metadata=_OPT)
+    at_final_pass: bool | None = field(default=None, metadata=_OPT)
     trades: TradesSpec | None = field(default=None, metadata=_OPT)
 
     def __post_init__(self) -> None:
@@ -330,12 +349,20 @@ class TrainSpec(Spec):
         # method uses them (an ST spec stays free of them, as the grid writes it)
         if self.method != "st" and self.record_adversarial is None:
             object.__setattr__(self, "record_adversarial", schema_default("train", "record_adversarial"))
-        if self.method == "at" and self.at_attack_mode is None:
-            object.__setattr__(self, "at_attack_mode", schema_default("train", "at_attack_mode"))
+        if self.method != "st" and self.record_adversarial and self.record_dtype is None:
+            object.__setattr__(self, "record_dtype", schema_default("train", "record_dtype"))
+        for key in ("at_attack_mode", "at_final_pass"):
+            if self.method == "at" and getattr(self, key) is None:
+                object.__setattr__(self, key, schema_default("train", key))
         if self.method != "st" and self.adversary is None:
             raise SpecError(f"training spec: method {self.method!r} needs an 'adversary'")
         if self.method == "trades" and self.trades is None:
             raise SpecError("training spec: method 'trades' needs 'trades' (beta, bn_quirk)")
+        if self.method == "trades" and self.trades is not None and self.trades.step is None:
+            # the spec a job receives shows the step it trains with (25.6 for the authors' l_2 rule)
+            assert self.adversary is not None
+            object.__setattr__(self, "trades", dataclasses.replace(
+                self.trades, step=authors_trades_step(self.adversary)))
 
 
 @dataclass(frozen=True)

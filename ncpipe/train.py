@@ -30,8 +30,10 @@ from torch.nn import functional as F
 from . import attacks
 from .checkpoint import (
     CorruptCheckpointError,
+    adversarial_path,
     adversarial_record,
     checkpoint_payload,
+    save_adversarial_record,
     save_atomic,
     verify_digest,
 )
@@ -156,9 +158,14 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
     assert spec.adversary is not None
     adv = spec.adversary.threat()
     if method == "at":
+        train_mode = spec.at_attack_mode == "train"
         x_adv = attacks.pgd(model, xb, yb, norm=adv.norm, epsilon=adv.epsilon_px, step=adv.step_px,
-                            steps=adv.steps, eval_mode=spec.at_attack_mode == "eval", generator=gen,
-                            amp_dtype=amp)
+                            steps=adv.steps, eval_mode=not train_mode, generator=gen, amp_dtype=amp)
+        if spec.at_final_pass and train_mode:
+            # the authors' attack evaluates its objective once more after the last step (a restart
+            # selection that one restart does not need); in train mode that pass updates the BN running stats
+            with torch.no_grad(), autocast(xb.device.type, amp):
+                model(x_adv)
         with autocast(xb.device.type, amp):
             robust_logits = model(x_adv)
             loss = F.cross_entropy(robust_logits, yb)
@@ -168,9 +175,10 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
     if method == "trades":
         tr = spec.trades
         assert tr is not None
-        out = attacks.trades_loss(model, xb, yb, beta=tr.beta, norm=adv.norm, epsilon=adv.epsilon_px,
-                                  step=adv.step_px, steps=adv.steps, bn_quirk=tr.bn_quirk, generator=gen,
-                                  amp_dtype=amp)
+        kl = tr.threat(spec.adversary)  # TRADES's own step (the authors' l_2 rule 2 * eps / steps)
+        out = attacks.trades_loss(model, xb, yb, beta=tr.beta, norm=kl.norm, epsilon=kl.epsilon_px,
+                                  step=kl.step_px, steps=kl.steps, bn_quirk=tr.bn_quirk,
+                                  project_start=tr.project_start, generator=gen, amp_dtype=amp)
         # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
         # the BN running stats once more in train mode
         return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach(),
@@ -270,8 +278,9 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         # it redoes epoch e and rewrites an identical checkpoint).
         if epoch + 1 in checkpoint_outputs:
             payload = checkpoint_payload(model, spec, data, epoch + 1)
-            if x_adv_epoch is not None:
-                payload["train_adversarial"] = adversarial_record(model, x_adv_epoch, spec, amp)
+            if x_adv_epoch is not None:  # before the checkpoint: a checkpoint on disk has its record
+                save_adversarial_record(adversarial_record(model, x_adv_epoch, spec, amp),
+                                        adversarial_path(ckpt_dir / f"epoch{epoch + 1}.pt"), payload)
             save_atomic(payload, ckpt_dir / f"epoch{epoch + 1}.pt")
             _checkpoint_progress(bar, epoch + 1, ckpt_dir / f"epoch{epoch + 1}.pt")
         save_atomic({"spec_hash": key, "epoch": epoch + 1, "model": model.state_dict(),
@@ -287,6 +296,13 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
         w.writerows(rows)
     for e, out_path in checkpoint_outputs.items():
         link_or_copy(ckpt_dir / f"epoch{e}.pt", out_path)
+        # the record is no declared output (deleting it must not retrain): publish it beside its checkpoint,
+        # and drop a stale one of an earlier training
+        rec = adversarial_path(ckpt_dir / f"epoch{e}.pt")
+        if rec.exists():
+            link_or_copy(rec, adversarial_path(out_path))
+        else:
+            adversarial_path(out_path).unlink(missing_ok=True)
     shutil.rmtree(resume)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ncpipe import grid, plan
+from ncpipe import families, grid, plan
 from ncpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +27,13 @@ BIN = Path(sys.executable).parent
 # external_example.yaml reads a checkpoint the user writes first (its file is checked at parse time):
 # tests/test_external.py writes it and compares that config's plan with its dry run
 CONFIGS = sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "external_example.yaml")
-# the acceptance counts of issue 13: one features job per checkpoint of each run, at the grid's one threat
+# the acceptance counts of issue 13: one features job per checkpoint of each run, at the grid's one threat;
+# the paper grids' storage policy (features.keep) splits them between the kept dumps' rule and features_temp
 FEATURES = {"paper.yaml": 2448, "paper_l2.yaml": 2448, "imagenette.yaml": 1224, "config.yaml": 15,
             "autoattack.yaml": 15}
+KEPT = {"paper.yaml": 36 * 3, "paper_l2.yaml": 36 * 3, "imagenette.yaml": 18 * 3, "config.yaml": 15,
+        "autoattack.yaml": 15}
+FEATURE_RULES = ("features", "features_temp")
 THREAT = {"paper.yaml": "linf", "paper_l2.yaml": "l2", "imagenette.yaml": "linf", "config.yaml": "linf",
           "autoattack.yaml": "linf"}
 
@@ -78,14 +82,18 @@ def test_a_config_file_plans_exactly_its_own_grid(name: str):
     out = dry_run(name, "--verbose")
     counts = job_table(out)
     config = load_config(ROOT / "config" / name)  # the file alone, as the tests of the configs read it
-    assert counts["features"] == FEATURES[name]
+    assert counts["features"] + counts.get("features_temp", 0) == FEATURES[name]
+    assert counts["features"] == KEPT[name]
     assert counts == plan.jobs(config), "ncpipe plan disagrees with snakemake's dry run"
     jobs = jobs_of(out)
     assert Counter(rule for rule, _, _ in jobs) == counts
-    assert {wc["norm"] for rule, wc, _ in jobs if rule == "features"} == {THREAT[name]}
+    assert {wc["norm"] for rule, wc, _ in jobs if rule in FEATURE_RULES} == {THREAT[name]}
+    kept = set(families.kept_dump_epochs(config))
+    assert all((int(wc["epoch"]) in kept) == (rule == "features") for rule, wc, _ in jobs
+               if rule in FEATURE_RULES)
     # every spec a job receives is the one of the file alone: nothing merged in from config/config.yaml
     for rule, wc, cmd in jobs:
-        if rule == "features":
+        if rule in FEATURE_RULES:
             assert spec_of(cmd) == json.loads(grid.features_spec(config, wc))
         elif rule == "layerwise":
             spec = spec_of(cmd)
@@ -98,7 +106,7 @@ def test_a_config_file_plans_exactly_its_own_grid(name: str):
 
 @pytest.mark.slow
 def test_dry_run_of_a_grid_prints_the_job_table_not_every_job():
-    out = dry_run("imagenette.yaml")  # 2,526 jobs
+    out = dry_run("imagenette.yaml")  # 2,536 jobs
     assert job_table(out) == job_table(dry_run("imagenette.yaml", "--verbose"))
     assert len(out.splitlines()) < 200, len(out.splitlines())
     assert "Shell command" not in out and "rule features:" not in out
@@ -115,8 +123,12 @@ def test_ncpipe_plan_json_counts_the_dry_runs_jobs():
     kinds = res["storage"]
     assert res["storage_bytes"] == sum(a["bytes"] for a in kinds.values())
     assert {"checkpoints", "feature dumps", "layerwise dumps", "metrics tables",
-            "recorded adversarial features (in checkpoints)"} == set(kinds)
+            plan.RECORDED} == set(kinds)
     assert kinds["feature dumps"]["dtype"] == "float32" and kinds["checkpoints"]["files"] == 36 * 68
+    # the shipped policy keeps every checkpoint and metrics table, the dumps of 3 epochs, under 300 GB
+    assert kinds["checkpoints"]["kept"] == kinds["metrics tables"]["kept"] == 36 * 68
+    assert kinds["feature dumps"]["kept"] == 36 * 3 and kinds[plan.RECORDED]["kept"] == 24 * 68
+    assert res["storage_bytes"] <= 300e9, res["storage_bytes"] / 1e9
 
 
 def test_storage_follows_the_config():
@@ -128,15 +140,22 @@ def test_storage_follows_the_config():
     assert n == {"train": 500, "test": 200}
     assert base["checkpoints"].bytes == 3 * 5 * sh.checkpoint_bytes
     # AT and TRADES record 500 training examples' features (float32) and predictions per checkpoint
-    recorded = base["recorded adversarial features (in checkpoints)"]
+    recorded = base[plan.RECORDED]
     assert recorded.bytes == 2 * 5 * 500 * (sh.feature_dim * 4 + 8)
     c16 = load_config(ROOT / "config" / "config.yaml")
     c16["features"]["dtype"] = "float16"
     c16["train"]["record_adversarial"] = False
     half = {a.kind: a for a in plan.storage(c16)}
-    assert "recorded adversarial features (in checkpoints)" not in half
+    assert plan.RECORDED not in half
     assert half["feature dumps"].bytes < 0.6 * base["feature dumps"].bytes
     # 20 epochs x 500 images x (ST 1, AT 4 PGD steps + the update, TRADES 4 steps + the two-branch loss)
+    # features.keep: only the kept epochs' dumps count; the record's dtype halves it
+    c16["features"]["keep"] = "final"
+    c16["train"]["record_adversarial"], c16["train"]["record_dtype"] = True, "float16"
+    final = {a.kind: a for a in plan.storage(c16)}
+    # the final dumps and the first ones, which the simplex figure reads
+    assert final["feature dumps"].kept == 3 * 2 and final["feature dumps"].files == 15
+    assert final[plan.RECORDED].bytes == 2 * 5 * 500 * (sh.feature_dim * 2 + 8)
     assert plan.passes(c)["train"]["backward"] == 20 * 500 * (1 + (4 + 1) + (4 + 2))
 
 

@@ -68,8 +68,10 @@ def test_l2_and_imagenette_grids():
     # everything but the threat is the main grid's
     for key in ("datasets", "archs", "methods", "seeds"):
         assert l2[key] == main[key]
-    assert {k: v for k, v in l2["train"].items() if k != "adversary"} == {
-        k: v for k, v in main["train"].items() if k != "adversary"
+    # ... but the threat and the authors' l_2 TRADES step 2 * 128 / 10 (l_inf: --pgd-alpha, 2)
+    assert l2["train"]["trades_step"] == 25.6 and main["train"]["trades_step"] == 2
+    assert {k: v for k, v in l2["train"].items() if k not in ("adversary", "trades_step")} == {
+        k: v for k, v in main["train"].items() if k not in ("adversary", "trades_step")
     }
     im = paper("imagenette")
     assert im["datasets"] == ["imagenette"] and len(grid.runs(im)) == 18
@@ -84,6 +86,7 @@ def _tiny(tmp: Path, **over: Any) -> Path:
     c["datasets"], c["archs"], c["seeds"] = ["cifar10"], ["vgg11bn"], [1]
     c["model"]["width"] = 0.0625
     c["train"].update(epochs=2, checkpoints=[1, 2], batch_size=30)
+    c["features"]["keep"] = "final"  # the grid's [1, 100, 400] names epochs this tiny run does not have
     c["attack"]["batch_size"] = 64
     c["attack"]["threats"]["linf"]["steps"] = 2
     c["train"]["adversary"]["steps"] = 2
@@ -127,6 +130,7 @@ def test_full_paper_grid_plans_with_no_dataset_present(tmp_path):
     c = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     c["seeds"] = [1]
     c["train"]["checkpoints"] = [200, 400]
+    c["features"]["keep"] = [400]
     cfg = tmp_path / "plan.yaml"
     cfg.write_text(yaml.safe_dump(c))
     assert not (tmp_path / "data").exists()
@@ -135,7 +139,8 @@ def test_full_paper_grid_plans_with_no_dataset_present(tmp_path):
     counts = _job_counts(res.stdout + res.stderr)
     cfg_full = load_config(cfg)
     assert counts["train"] == len(grid.runs(cfg_full)) == 12
-    assert counts["features"] == len(grid.cells(cfg_full)) == 24
+    # features.keep [400] plus the simplex figure's first dump (epoch 200): every dump kept here
+    assert counts["features"] == len(grid.cells(cfg_full)) == 24 and "features_temp" not in counts
     assert counts["accuracy_table"] == 2
     for fam in FAMILIES:
         n = sum(1 for t in figure_targets(cfg_full) if f"/{fam}/" in t) // len(cfg_full["figures"]["formats"])

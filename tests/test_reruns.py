@@ -1,9 +1,10 @@
 """Exact reruns: after a completed miniature run, `snakemake -n` plans exactly the jobs that a change affects.
 
-One real run of the whole workflow (one 0.1-width VGG, standard training, 2 epochs, 5 images per class, one
-epsilon, clean + PGD on the train split) in a temporary directory holding copies of ``workflow/`` and of the
-package sources that the rules declare as inputs (so editing them here never touches the repository); then one
-dry run per change, parsed from the per-job listing and the ``Job stats`` table (these are marked slow).
+One real run of the whole workflow (one 0.1-width VGG, standard training, 3 epochs, 5 images per class, one
+epsilon, clean + PGD on the train split; ``features.keep: final``, so the middle epoch's dump is temporary)
+in a temporary directory holding copies of ``workflow/`` and of the package sources that the rules declare
+as inputs (so editing them here never touches the repository); then one dry run per change, parsed from the
+per-job listing and the ``Job stats`` table (these are marked slow).
 A fast static check verifies that each stage declares, as inputs, every package module its code imports.
 """
 
@@ -29,17 +30,20 @@ MINI: dict[str, Any] = {
     "data": {"train_per_class": 5, "test_per_class": 5},
     "datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["st"], "seeds": [1],
     "model": {"width": 0.1},
-    "train": {"epochs": 2, "checkpoints": [1, 2], "batch_size": 25, "lr": 0.05},
+    "train": {"epochs": 3, "checkpoints": [1, 2, 3], "batch_size": 25, "lr": 0.05},
     "attack": {"threats": {"linf": {"epsilons": [64], "step": 32, "steps": 2}}, "kinds": ["clean", "pgd"],
                "splits": ["train"]},
     "layerwise": {"enabled": False},
+    # the storage policy: the epoch-2 dump is temporary (removed once read); the first and final ones, which
+    # the simplex figure reads, are kept
+    "features": {"keep": "final"},
     "figures": {"formats": ["png"], "dpi": 50},
     "runtime": {"device": "cpu"},
 }
 
 
 # rules with one job per (run, checkpoint, threat) cell; everything else aggregates
-PER_CELL = {"features", "metrics"}
+PER_CELL = {"features", "features_temp", "metrics"}
 FIGURES_OF_METRICS = {"figure_nc_vs_epoch", "figure_ncc_vs_network", "figure_simplex_alignment"}
 
 
@@ -84,7 +88,14 @@ def workdir(tmp_path_factory) -> Path:
         shutil.copy2(src, root / "ncpipe" / src.name)
     snakemake(root, MINI, "--cores", "2")
     assert (root / "results" / "metrics.csv").exists()
+    features = root / "results" / "mnist5k" / "vgg11bn" / "st" / "seed1" / "features"
+    assert sorted(p.name for p in features.iterdir()) == ["epoch1_linf_eps64.h5", "epoch3_linf_eps64.h5"]
     return root
+
+
+def dumps(counts: Counter[str]) -> int:
+    """Feature-dump jobs of a plan, kept (rule features) and temporary (features_temp) ones."""
+    return counts["features"] + counts["features_temp"]
 
 
 def with_changes(**changes: Any) -> dict[str, Any]:
@@ -113,7 +124,7 @@ def test_completed_run_plans_nothing_even_after_touching_the_code(workdir):
 def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
     cfg = with_changes(attack__threats={"linf": {"epsilons": [64, 32], "step": 32, "steps": 2}})
     counts, jobs = plan(workdir, cfg)
-    assert counts["features"] == 2 and counts["metrics"] == 2  # one per checkpoint epoch, both at eps 32
+    assert dumps(counts) == 3 and counts["metrics"] == 3  # one per checkpoint epoch, all at eps 32
     assert all(wc["eps"] == "32" for rule, wc in jobs if rule in PER_CELL), jobs
     assert "train" not in counts and "train_logs" not in counts, counts
     # the rest hangs off the aggregated table (figures of every epsilon read it); the training-log figure not
@@ -128,7 +139,7 @@ def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
 @pytest.mark.slow
 def test_adding_a_seed_plans_only_that_seeds_jobs(workdir):
     counts, jobs = plan(workdir, with_changes(seeds=[1, 2]))
-    assert counts["train"] == 1 and counts["features"] == 2 and counts["metrics"] == 2, counts
+    assert counts["train"] == 1 and dumps(counts) == 3 and counts["metrics"] == 3, counts
     assert all(wc["seed"] == "2" for rule, wc in jobs if rule in PER_CELL | {"train"}), jobs
     assert counts["aggregate"] == 1
 
@@ -144,24 +155,46 @@ def test_changing_a_figure_option_plans_only_figures(workdir):
 def test_changing_an_attack_parameter_never_retrains(workdir):
     more_steps = {"linf": {"epsilons": [64], "step": 32, "steps": 3}}
     counts, _ = plan(workdir, with_changes(attack__threats=more_steps))
-    assert counts["features"] == 2 and "train" not in counts, counts
+    assert dumps(counts) == 3 and "train" not in counts, counts
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("module", "expected", "forbidden"), [
     ("models.py", {"train"}, set()),
-    ("metrics.py", {"metrics", "aggregate"}, {"train", "features"}),
+    # the removed (temporary) epoch-2 dump is re-made from its kept checkpoint; the kept dump is reused
+    ("metrics.py", {"metrics", "aggregate", "features_temp"}, {"train", "features"}),
 ])
 def test_editing_a_stage_module_reruns_that_stage(workdir, module, expected, forbidden):
     src = workdir / "ncpipe" / module
     original = src.read_bytes()
     try:
         src.write_bytes(original + b"\n# an edit\n")
-        counts, _ = plan(workdir, MINI)
+        counts, jobs = plan(workdir, MINI)
         assert expected <= set(counts), counts
         assert not forbidden & set(counts), counts
+        if module == "metrics.py":
+            assert [wc["epoch"] for rule, wc in jobs if rule == "features_temp"] == ["2"], jobs
     finally:
         src.write_bytes(original)
+
+
+@pytest.mark.slow
+def test_a_metrics_code_change_reattacks_at_most_and_never_retrains(workdir):
+    """The real rerun after a metrics-code change: the removed dump is re-made from the checkpoint and removed
+    again; checkpoints are untouched, nothing is trained."""
+    src = workdir / "ncpipe" / "metrics.py"
+    run = workdir / "results" / "mnist5k" / "vgg11bn" / "st" / "seed1"
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    original = src.read_bytes()
+    try:
+        src.write_bytes(original + b"\n# an edit\n")
+        out = snakemake(workdir, MINI, "--cores", "2")
+    finally:
+        src.write_bytes(original)
+    assert "rule train:" not in out and "rule features:" not in out and "rule features_temp:" in out
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
+    assert sorted(p.name for p in (run / "features").iterdir()) == ["epoch1_linf_eps64.h5",
+                                                                      "epoch3_linf_eps64.h5"]
 
 
 # ------------------------------------------------------------------------------ the declared code inputs

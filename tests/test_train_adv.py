@@ -19,7 +19,12 @@ import torch
 
 import ncpipe.train
 from ncpipe import evaluate, grid, io
-from ncpipe.checkpoint import CorruptCheckpointError, load_checkpoint, save_atomic
+from ncpipe.checkpoint import (
+    CorruptCheckpointError,
+    adversarial_path,
+    load_adversarial_record,
+    load_checkpoint,
+)
 from ncpipe.config import validate_config
 from ncpipe.data import load_data, to_float
 from ncpipe.extract import extract_features
@@ -49,6 +54,11 @@ def spec_of(method: str) -> dict[str, Any]:
     return json.loads(grid.train_spec(CONFIG, wildcards(method)))
 
 
+def record(path: str | Path) -> dict[str, Any] | None:
+    """The record beside a checkpoint (``epoch{E}.adv.pt``), as the features rule reads it."""
+    return load_adversarial_record(path, load_checkpoint(path)[1])
+
+
 def train(root: Path, spec: dict[str, Any], **kw: Any) -> dict[int, str]:
     outs = {e: str(root / f"epoch{e}.pt") for e in spec["checkpoints"]}
     run_training(spec, outs, str(root / "log.csv"), str(root / ".resume"), **kw)
@@ -72,17 +82,18 @@ def test_robust_checkpoints_carry_the_record_and_st_ones_do_not(runs) -> None:
     n = len(load_data(spec_of("at")).y_train)
     for method in ("at", "trades"):
         for path in runs[method].values():
-            model, ckpt = load_checkpoint(path)
-            rec = ckpt["train_adversarial"]
+            model, _ = load_checkpoint(path)
+            rec = record(path)
+            assert rec is not None and "train_adversarial" not in load_checkpoint(path)[1]
             assert rec["features"].shape == (n, model.linear.in_features)
             assert rec["features"].dtype == torch.float32
             assert rec["adversary"] == CONFIG["train"]["adversary"] and rec["method"] == method
             # the predictions are the end-of-epoch model's own on those features
             logits = model.linear(rec["features"])
             assert torch.equal(logits.argmax(1), rec["predictions"])
-        a, b = (load_checkpoint(p)[1]["train_adversarial"]["features"] for p in runs[method].values())
+        a, b = (record(p)["features"] for p in runs[method].values())
         assert not torch.equal(a, b)  # epochs 1 and 3 recorded different examples with different models
-    assert all("train_adversarial" not in load_checkpoint(p)[1] for p in runs["st"].values())
+    assert not any(adversarial_path(p).exists() for p in runs["st"].values())
 
 
 def test_the_record_is_what_training_fed_the_model(tmp_path, monkeypatch) -> None:
@@ -98,7 +109,7 @@ def test_the_record_is_what_training_fed_the_model(tmp_path, monkeypatch) -> Non
     model, ckpt = load_checkpoint(outs[3])
     with torch.no_grad():
         expected, _ = model.eval().forward_features(known_attack(model, x, None))
-    torch.testing.assert_close(ckpt["train_adversarial"]["features"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(record(outs[3])["features"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resumed_run_records_the_same_examples(tmp_path, runs) -> None:
@@ -106,8 +117,7 @@ def test_resumed_run_records_the_same_examples(tmp_path, runs) -> None:
     train(tmp_path, spec, stop_after_epoch=2)  # killed after epoch 2: the epoch-3 record comes after resuming
     outs = train(tmp_path, spec)
     for e, path in outs.items():
-        mine = load_checkpoint(path)[1]["train_adversarial"]
-        ref = load_checkpoint(runs["trades"][e])[1]["train_adversarial"]
+        mine, ref = record(path), record(runs["trades"][e])
         assert torch.equal(mine["features"], ref["features"]) and torch.equal(mine["predictions"],
                                                                               ref["predictions"])
 
@@ -116,19 +126,21 @@ def test_recording_can_be_switched_off(tmp_path) -> None:
     spec = {**spec_of("at"), "record_adversarial": False, "checkpoints": [1]}
     spec["optim"] = {**spec["optim"], "epochs": 1}
     outs = train(tmp_path, spec)
-    assert "train_adversarial" not in load_checkpoint(outs[1])[1]
+    assert not adversarial_path(outs[1]).exists()
 
 
-def test_a_damaged_record_is_refused(tmp_path, runs) -> None:
-    payload = torch.load(runs["at"][1], map_location="cpu", weights_only=False)
+def test_a_damaged_or_stale_record_is_refused(tmp_path, runs) -> None:
+    ckpt = tmp_path / "epoch1.pt"
+    ckpt.write_bytes(Path(runs["at"][1]).read_bytes())
+    payload = torch.load(adversarial_path(runs["at"][1]), map_location="cpu", weights_only=False)
     bad = copy.deepcopy(payload)
     bad["train_adversarial"]["features"][0, 0] += 1.0
-    torch.save(bad, tmp_path / "bad.pt")  # bytes changed after the digest was written
+    torch.save(bad, adversarial_path(ckpt))  # bytes changed after the digest was written
     with pytest.raises(CorruptCheckpointError, match="corrupted"):
-        load_checkpoint(tmp_path / "bad.pt")
-    del payload["model_sha256"], payload["train_adversarial_sha256"]
-    save_atomic(payload, tmp_path / "good.pt")  # recomputes both digests
-    load_checkpoint(tmp_path / "good.pt")
+        record(ckpt)
+    # the record of another training of this run (here: of epoch 3) is ignored, never used for this one
+    adversarial_path(ckpt).write_bytes(adversarial_path(runs["at"][3]).read_bytes())
+    assert record(ckpt) is None
 
 
 def extract(runs, tmp_path: Path, method: str, eps: str, **over: Any) -> Path:
@@ -142,7 +154,7 @@ def extract(runs, tmp_path: Path, method: str, eps: str, **over: Any) -> Path:
 def test_features_rule_writes_train_adv_only_at_the_training_threat(tmp_path, runs) -> None:
     at = extract(runs, tmp_path, "at", "32")
     assert ("train", "train_adv") in io.groups(at) and ("test", "train_adv") not in io.groups(at)
-    rec = load_checkpoint(runs["at"][3])[1]["train_adversarial"]
+    rec = record(runs["at"][3])
     with h5py.File(at) as f:
         g = f["train/train_adv"]
         np.testing.assert_array_equal(g["features"][:], rec["features"].numpy())
@@ -167,3 +179,14 @@ def test_a_changed_train_split_is_an_error(tmp_path, runs) -> None:
     with pytest.raises(ValueError, match="data config changed since training"):
         extract_features(spec, runs["at"][3], str(tmp_path / "x.h5"))
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_deleted_record_skips_train_adv_and_says_so(tmp_path, runs) -> None:
+    """A user may delete epoch{E}.adv.pt: the dump then lacks train_adv and says why; nothing retrains."""
+    ckpt = tmp_path / "epoch3.pt"
+    ckpt.write_bytes(Path(runs["at"][3]).read_bytes())  # a copy without its record beside it
+    spec = json.loads(grid.features_spec(CONFIG, wildcards("at", epoch=3, norm="linf", eps="32")))
+    extract_features(spec, str(ckpt), str(tmp_path / "x.h5"))
+    assert ("train", "train_adv") not in io.groups(tmp_path / "x.h5")
+    with h5py.File(tmp_path / "x.h5") as f:
+        assert f.attrs["train_adv_record"] == "missing"

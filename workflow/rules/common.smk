@@ -44,17 +44,23 @@ DRY_RUN_LISTED = 500
 class _DryRunPlan(logging.Filter):
     _large = None
 
+    def large(self):
+        if self._large is None:
+            try:  # an internal API: if it moves, list every job as Snakemake does
+                self._large = sum(1 for _ in workflow.dag.needrun_jobs()) > DRY_RUN_LISTED
+            except Exception:
+                self._large = False
+        return self._large
+
     def filter(self, record):
         event = getattr(record, "event", None)
         if event == LogEvent.SHELLCMD:
             return False
         if event in (LogEvent.JOB_INFO, LogEvent.GROUP_INFO):
-            if self._large is None:
-                try:  # an internal API: if it moves, list every job as Snakemake does
-                    self._large = sum(1 for _ in workflow.dag.needrun_jobs()) > DRY_RUN_LISTED
-                except Exception:
-                    self._large = False
-            return not self._large
+            return not self.large()
+        # one "Would remove temporary output" line per features.keep-temporary dump: a job's detail too
+        if str(record.msg).startswith("Would remove temporary output"):
+            return not self.large()
         return True
 
 
