@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import paths
-from .grid import Run, has_probes, run_epochs, run_final_epoch, runs, threats, trained_runs
+from .grid import (
+    EXTERNAL_EPOCH,
+    Run,
+    external_runs,
+    has_probes,
+    run_epochs,
+    run_final_epoch,
+    runs,
+    threats,
+    trained_runs,
+)
 
 RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
 ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
@@ -262,12 +272,13 @@ def kept_dump_epochs(config: dict[str, Any]) -> list[int]:
     is drawn: it reads their dumps, and a figure option changed later must redraw it without re-attacking.
     """
     keep, epochs = config["features"]["keep"], sorted(config["train"]["checkpoints"])
+    ext = {EXTERNAL_EPOCH} if external_runs(config) else set()  # an external model's one dump always stays
     if keep == "all":
-        return epochs
+        return sorted(set(epochs) | ext)
     kept = {epochs[-1]} if keep == "final" else set(keep) & set(epochs)
     if stem_wildcards(config, "simplex_projection"):
         kept |= {epochs[0], epochs[-1]}
-    return sorted(kept)
+    return sorted(kept | ext)
 
 
 def simplex_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
