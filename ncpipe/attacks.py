@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -540,6 +540,7 @@ class Request:
     generator: torch.Generator | None = None
     amp_dtype: torch.dtype | None = None
     input_numel: int | None = None
+    options: Mapping[str, Any] | None = None  # a kind's own settings (autoattack: AUTOATTACK_DEFAULTS keys)
 
     def base_params(self, kind: str) -> dict[str, Any]:
         return {"kind": kind, "norm": self.norm, "epsilon": self.epsilon,
@@ -631,6 +632,115 @@ def _noise(kind: str) -> Perturbation:
     return Perturbation(kind, make, params)
 
 
+# ------------------------------------------------------------------------------------------- AutoAttack
+# AutoAttack (Croce & Hein 2020) through torchattacks' APGD, APGDT, FAB and Square.  The ensemble is run
+# here rather than through ``torchattacks.AutoAttack`` so that the iteration count is Croce & Hein's 100 (that
+# class leaves APGD/APGD-T/FAB at torchattacks' default of 10), a custom list of attacks is possible, the
+# global RNG the attacks reseed is restored afterwards, and the result is projected into the ball exactly like
+# every other kind.  Semantics as in AutoAttack: each attack runs only on the points that every earlier attack
+# left correctly classified, and a point's adversarial example is the first that fools the model.
+AUTOATTACK_VERSIONS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+_AA_SCHEMA = load_schema()["properties"]["attack"]["properties"]["autoattack"]["properties"]
+AUTOATTACK_DEFAULTS: dict[str, Any] = {k: _AA_SCHEMA[k]["default"]
+                                       for k in ("version", "attacks", "steps", "square_queries", "seed")}
+if tuple(_AA_SCHEMA["attacks"]["items"]["enum"]) != AUTOATTACK_ATTACKS:
+    raise RuntimeError("the schema's attack.autoattack.attacks enum differs from AUTOATTACK_ATTACKS")
+
+
+def autoattack_sequence(options: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The attacks an ``autoattack`` kind runs, in order: the version's, or ``attacks`` for ``custom``."""
+    o = {**AUTOATTACK_DEFAULTS, **(options or {})}
+    if o["version"] == "custom":
+        seq = tuple(o["attacks"])
+        if not seq:
+            raise ValueError("autoattack version 'custom' needs a non-empty 'attacks' list; allowed: "
+                             f"{', '.join(AUTOATTACK_ATTACKS)}")
+    elif o["version"] in AUTOATTACK_VERSIONS:
+        seq = AUTOATTACK_VERSIONS[o["version"]]
+    else:
+        raise ValueError(f"unknown autoattack version {o['version']!r}; allowed: "
+                         f"{', '.join([*AUTOATTACK_VERSIONS, 'custom'])}")
+    bad = [a for a in seq if a not in AUTOATTACK_ATTACKS]
+    if bad:
+        raise ValueError(f"unknown autoattack attack(s) {bad}; allowed: {', '.join(AUTOATTACK_ATTACKS)}")
+    return seq
+
+
+def _autoattack_member(name: str, model: nn.Module, norm: str, epsilon: float, num_classes: int,
+                       o: Mapping[str, Any], version: str) -> Any:
+    import torchattacks  # a heavy import, needed only by this kind
+
+    ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    plus = version == "plus" and name in ("apgd-ce", "apgd-dlr", "fab")
+    common = {"norm": ta_norm, "eps": epsilon, "seed": int(o["seed"]), "n_restarts": 5 if plus else 1}
+    eot = 20 if version == "rand" else 1
+    if name in ("apgd-ce", "apgd-dlr"):
+        return torchattacks.APGD(model, steps=int(o["steps"]), loss=name.split("-")[1], eot_iter=eot,
+                                 **common)
+    if name == "apgd-t":
+        return torchattacks.APGDT(model, steps=int(o["steps"]), n_classes=num_classes, **common)
+    if name in ("fab", "fab-t"):
+        return torchattacks.FAB(model, steps=int(o["steps"]), multi_targeted=name == "fab-t",
+                                n_classes=num_classes, **common)
+    return torchattacks.Square(model, n_queries=int(o["square_queries"]), **common)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, epsilon: float,
+               options: Mapping[str, Any] | None = None, num_classes: int | None = None) -> torch.Tensor:
+    """AutoAttack of ``x`` (pixels in [0, 1]) against ``model`` in eval mode: the worst case over its attacks.
+
+    ``options``: ``version`` (standard / plus / rand / custom), ``attacks`` (custom's list), ``steps``
+    (APGD, APGD-T and FAB iterations), ``square_queries``, ``seed``.  The global RNG state is restored after
+    the attacks (they reseed it), the model's train/eval flags too.  Runs in float32 (no autocast).
+    """
+    o = {**AUTOATTACK_DEFAULTS, **(options or {})}
+    seq = autoattack_sequence(o)
+    _check_norm(norm)
+    device = _model_device(model, x)
+    xf = x.to(device=device, dtype=_work_dtype(x)).detach()
+    y = y.to(device)
+    with _mode(model, False), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.no_grad():
+            logits = model(xf)
+        c = int(num_classes or logits.shape[1])
+        x_adv = xf.clone()
+        robust = logits.argmax(1) == y
+        for name in seq:
+            idx = torch.nonzero(robust).reshape(-1)
+            if len(idx) == 0:
+                break
+            member = _autoattack_member(name, model, norm, epsilon, c, o, o["version"])
+            cand = project(xf[idx], member(xf[idx], y[idx]).detach().to(xf.dtype), norm=norm, epsilon=epsilon)
+            with torch.no_grad():
+                fooled = model(cand).argmax(1) != y[idx]
+            x_adv[idx[fooled]] = cand[fooled]
+            robust[idx[fooled]] = False
+    return x_adv
+
+
+def _make_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: Request) -> torch.Tensor:
+    return autoattack(model, x, y, norm=r.norm, epsilon=r.epsilon, options=r.options,
+                      num_classes=r.num_classes)
+
+
+def _autoattack_params(r: Request) -> dict[str, Any]:
+    o = {**AUTOATTACK_DEFAULTS, **(r.options or {})}
+    return {**r.base_params("autoattack"), "version": o["version"], "attacks": list(autoattack_sequence(o)),
+            "steps": int(o["steps"]), "square_queries": int(o["square_queries"]), "seed": int(o["seed"]),
+            "model_mode": "eval", "implementation": "torchattacks " + _torchattacks_version()}
+
+
+def _torchattacks_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchattacks")
+
+
 # The registry of the kinds this module makes (every kind of the schema but TRAIN_ADV; checked at import).
 # Adding a kind: its function, one entry here, and its name in the schema's attack.kinds enum.
 PERTURBATIONS: dict[str, Perturbation] = {
@@ -640,6 +750,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("targeted", _make_targeted, lambda r: _pgd_params("targeted", r)),
         _noise("gaussian"),
         _noise("sign"),
+        Perturbation("autoattack", _make_autoattack, _autoattack_params),
     )
 }
 KINDS = tuple(k for k in schema_enum("attack", "kinds") if k != TRAIN_ADV)
@@ -674,6 +785,7 @@ def perturb(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """The one dispatcher of the perturbation kinds of the features rule, for one threat model (pixel units).
 
@@ -685,6 +797,7 @@ def perturb(
       Gaussian direction of norm eps (:func:`gaussian_l2`).
     * ``sign``: l_inf threat: a random vertex of the eps-ball (:func:`random_sign`); l_2 threat: a random sign
       pattern of l_2 norm eps (:func:`random_sign_l2`).
+    * ``autoattack``: :func:`autoattack` with ``options`` (version, attacks, steps, square_queries, seed).
 
     :func:`kind_params` gives the matching record of parameters (both come from the kind's
     :data:`PERTURBATIONS` entry).  Output is on the model's device for the attacks and on ``x``'s device for
@@ -692,7 +805,7 @@ def perturb(
     """
     entry = _entry(kind, norm)
     return entry.make(model, x, y, Request(norm, epsilon, step, steps, restarts, targets, num_classes,
-                                           target_rule, random_start, generator, amp_dtype))
+                                           target_rule, random_start, generator, amp_dtype, options=options))
 
 
 def kind_params(
@@ -706,6 +819,7 @@ def kind_params(
     target_rule: str = "next",
     random_start: bool = True,
     input_numel: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every parameter :func:`perturb` uses for ``kind`` (same arguments), for the HDF5 group attributes.
 
@@ -714,4 +828,4 @@ def kind_params(
     """
     entry = _entry(kind, norm)
     return entry.params(Request(norm, epsilon, step, steps, restarts, target_rule=target_rule,
-                                random_start=random_start, input_numel=input_numel))
+                                random_start=random_start, input_numel=input_numel, options=options))

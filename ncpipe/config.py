@@ -79,6 +79,10 @@ def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) 
     if "$ref" in schema:
         ref = schema["$ref"].split("/")[-1]
         schema = {**root["$defs"][ref], **{k: v for k, v in schema.items() if k != "$ref"}}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:  # sections in a list (config `external`) get their defaults too
+            _fill_defaults(item, schema["items"], root)
+        return
     if not isinstance(instance, dict):
         return
     for name, sub in schema.get("properties", {}).items():
@@ -137,6 +141,7 @@ def _semantic_checks(config: dict[str, Any]) -> None:
         )
     if sorted(tr["lr_milestones"]) != list(tr["lr_milestones"]):
         raise ConfigError(f"config key 'train.lr_milestones': must be increasing, got {tr['lr_milestones']}")
+    _external_checks(config)
     if "mnist5k" in config["datasets"]:
         for key in ("train_per_class", "test_per_class"):
             n = config["data"].get(key)
@@ -145,6 +150,29 @@ def _semantic_checks(config: dict[str, Any]) -> None:
                 raise ConfigError(
                     f"config key 'data.{key}': mnist5k has {limit} per class in that split, got {n}"
                 )
+
+
+def _external_checks(config: dict[str, Any]) -> None:
+    """The entries of ``external`` as a schema cannot check them (their files: ncpipe.external)."""
+    ext = config.get("external") or []
+    if not config["methods"] and not ext:
+        raise ConfigError("config key 'methods': empty, and 'external' lists no model: nothing to analyse; "
+                          "allowed values: st, at, trades")
+    seen: set[str] = set()
+    for i, e in enumerate(ext):
+        key = f"external[{i}]"
+        if e["name"] in seen:
+            raise ConfigError(f"config key '{key}.name': {e['name']!r} is used twice; names must be unique")
+        seen.add(e["name"])
+        if e["dataset"] not in config["datasets"]:
+            raise ConfigError(f"config key '{key}.dataset': {e['dataset']!r} is not in 'datasets'; allowed "
+                              f"values: {config['datasets']}")
+        if e["format"] == "state_dict" and (e["arch"] is None) == (e["factory"] is None):
+            raise ConfigError(f"config key '{key}.arch' / '{key}.factory': a state dict needs exactly one "
+                              "of them (a registered architecture, or package.module:function)")
+        if len(e["mean"]) != len(e["std"]):
+            raise ConfigError(f"config key '{key}.std': {len(e['std'])} values, but mean has "
+                              f"{len(e['mean'])}; give one per input channel")
 
 
 def _get(config: Any, path: tuple[Any, ...]) -> Any:

@@ -33,6 +33,7 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
         **threat.attrs(), "training_adversary": ckpt["spec"].get("adversary"),
         **{k: v for k, v in ev.provenance().items() if k not in threat.attrs()},
         "feature_layer": "penultimate",
+        **({"regime": meta["regime"], "external": meta["external"]} if "external" in meta else {}),
     }
     bs = spec.batch_size
     label = _progress_label(ev)
@@ -52,24 +53,32 @@ def extract_features(spec: FeaturesSpec | dict[str, Any], checkpoint: str, out_h
             targets_all = attacks.target_labels(ys, ev.num_classes, rule=spec.target_rule,
                                                 generator=ev.generator)
             for kind in kinds:
+                rows = _kind_rows(spec, kind, split, ys)
+                if rows is not None and len(rows) == 0:
+                    continue  # this kind does not attack this split (attack.autoattack.splits)
+                kx, ky = (xs, ys) if rows is None else (xs[rows], ys[rows])
+                kt = targets_all if rows is None else targets_all[rows]
                 feats, preds = [], []
-                meter = Meter(f"{label} {split}/{kind}", math.ceil(len(xs) / bs), unit="batch")
-                for i in range(0, len(xs), bs):
-                    xb, yb = to_float(xs[i:i + bs]), ys[i:i + bs]
-                    xp = ev.perturb(kind, xb, yb, targets=targets_all[i:i + bs])
+                meter = Meter(f"{label} {split}/{kind}", math.ceil(len(kx) / bs), unit="batch")
+                for i in range(0, len(kx), bs):
+                    xb, yb = to_float(kx[i:i + bs]), ky[i:i + bs]
+                    xp = ev.perturb(kind, xb, yb, targets=kt[i:i + bs])
                     h, logits = ev.features(xp)
                     feats.append(h.cpu())
                     preds.append(logits.argmax(1).cpu())
                     meter.update(1, len(yb))
                 meter.close()
-                total.update(len(xs), len(xs), heartbeat=False)
-                meter.line("done", images=len(xs), total_elapsed=duration(total.elapsed),
+                total.update(len(kx), len(kx), heartbeat=False)
+                meter.line("done", images=len(kx), total_elapsed=duration(total.elapsed),
                            total_eta=duration(total.eta()))
                 params = attacks.kind_params(kind, **spec.threat_of(kind).attack_kwargs(),
                                              target_rule=spec.target_rule,
-                                             input_numel=int(xs[0].numel()))
-                g = _write_group(f, split, kind, torch.cat(feats).numpy(), lab, torch.cat(preds).numpy(),
+                                             input_numel=int(xs[0].numel()), options=spec.kind_options(kind))
+                klab = lab if rows is None else lab[rows.cpu().numpy()]
+                g = _write_group(f, split, kind, torch.cat(feats).numpy(), klab, torch.cat(preds).numpy(),
                                  params, spec.storage)
+                if rows is not None:
+                    write_array(g, "indices", rows.cpu().numpy())
                 if kind == "targeted":
                     write_array(g, "targets", targets_all.cpu().numpy())
             if TRAIN_ADV in spec.kinds and split == "train":
@@ -83,6 +92,28 @@ def _dump_bytes(spec: FeaturesSpec, ev: Any) -> int:
     item = np.dtype(spec.storage.dtype).itemsize
     rows = sum(len(ev.data.split(s)[1]) for s in spec.splits) * len(spec.kinds)
     return rows * (dim * item + 3 * 8) + 4 * dim * (ev.num_classes + 1) + (1 << 20)
+
+
+def _kind_rows(spec: FeaturesSpec, kind: str, split: str, ys: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``split`` that ``kind`` perturbs (None: all; empty: the kind skips the split).
+
+    Only autoattack is restricted: to its splits and, with ``per_class`` > 0, to the first ``per_class``
+    samples of every class in data order (a fixed subset, as RobustBench evaluates a fixed test subset).
+    """
+    if kind != "autoattack":
+        return None
+    aa = spec.autoattack
+    if aa is None:
+        return None
+    if split not in aa.splits:
+        return torch.zeros(0, dtype=torch.long, device=ys.device)
+    if aa.per_class <= 0:
+        return None
+    y = ys.cpu()
+    keep = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y):
+        keep[torch.nonzero(y == c).reshape(-1)[:aa.per_class]] = True
+    return torch.nonzero(keep).reshape(-1).to(ys.device)
 
 
 def _write_group(f: Any, split: str, kind: str, features: np.ndarray, labels: np.ndarray,
@@ -142,7 +173,7 @@ def _progress_label(ev: Any) -> str:
     from .grid import regime_id
 
     m = ev.meta
-    regime = regime_id(m["method"], ev.ckpt["spec"].get("adversary"))
+    regime = m.get("regime") or regime_id(m["method"], ev.ckpt["spec"].get("adversary"))  # external: its own
     t = ev.spec.threat
     run = f"{m['dataset']}/{m['arch']}/{regime}/seed{m['seed']}"
     return f"features {run}/epoch{ev.ckpt['epoch']} {t.norm}{t.epsilon:g}"

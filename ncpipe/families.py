@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import paths
-from .grid import final_epoch, runs, threats
+from .grid import (
+    EXTERNAL_EPOCH,
+    Run,
+    external_runs,
+    has_probes,
+    run_epochs,
+    run_final_epoch,
+    runs,
+    threats,
+    trained_runs,
+)
 
 RUN_THREAT = "{dataset}__{arch}__{regime}__{norm}{eps}"
 ARCH_THREAT = "{dataset}__{arch}__{norm}{eps}"
@@ -151,11 +161,21 @@ def stem_wildcards(config: dict[str, Any], family: str) -> list[dict[str, str]]:
         return []
     keys = set(stem_keys(family))
     out = set()
-    for r in runs(config):
+    for r in _family_runs(config, family):
         for norm, eps in threats(config):
             w = {"dataset": r.dataset, "arch": r.arch, "regime": r.regime, "norm": norm, "eps": eps}
             out.add(tuple(sorted((k, v) for k, v in w.items() if k in keys)))
     return [dict(t) for t in sorted(out)]
+
+
+def _family_runs(config: dict[str, Any], family: str) -> list[Run]:
+    """The runs a family draws: training logs exist for trained runs only, layerwise tables where probed."""
+    table = FAMILIES[family].table
+    if table == "train_logs":
+        return trained_runs(config)
+    if table == "layerwise":
+        return [r for r in runs(config) if has_probes(config, r)]
+    return runs(config)
 
 
 def figure_stems(config: dict[str, Any], family: str) -> list[str]:
@@ -238,8 +258,8 @@ def leap_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
     """The final-checkpoint feature dumps of every regime and seed of one (dataset, arch, threat)."""
     w = {k: wildcards[k] for k in ("dataset", "arch", "norm", "eps")}
     return [
-        paths.format_path(paths.FEATURES, **r.wildcards(), epoch=final_epoch(config), norm=w["norm"],
-                          eps=w["eps"])
+        paths.format_path(paths.FEATURES, **r.wildcards(), epoch=run_final_epoch(config, r.regime),
+                          norm=w["norm"], eps=w["eps"])
         for r in runs(config)
         if r.dataset == w["dataset"] and r.arch == w["arch"]
     ]
@@ -252,18 +272,20 @@ def kept_dump_epochs(config: dict[str, Any]) -> list[int]:
     is drawn: it reads their dumps, and a figure option changed later must redraw it without re-attacking.
     """
     keep, epochs = config["features"]["keep"], sorted(config["train"]["checkpoints"])
+    ext = {EXTERNAL_EPOCH} if external_runs(config) else set()  # an external model's one dump always stays
     if keep == "all":
-        return epochs
+        return sorted(set(epochs) | ext)
     kept = {epochs[-1]} if keep == "final" else set(keep) & set(epochs)
     if stem_wildcards(config, "simplex_projection"):
         kept |= {epochs[0], epochs[-1]}
-    return sorted(kept)
+    return sorted(kept | ext)
 
 
 def simplex_dumps(config: dict[str, Any], wildcards: Any) -> list[str]:
     """The first- and final-checkpoint feature dumps of one run and threat (the config's first seed)."""
-    epochs = sorted(config["train"]["checkpoints"])
-    seed = sorted(int(s) for s in config["seeds"])[0]
+    epochs = run_epochs(config, wildcards["regime"])
+    seeds = [r.seed for r in runs(config) if r.regime == wildcards["regime"]]
+    seed = min(seeds) if seeds else sorted(int(s) for s in config["seeds"])[0]
     return [
         paths.format_path(paths.FEATURES, dataset=wildcards["dataset"], arch=wildcards["arch"],
                           regime=wildcards["regime"], seed=seed, epoch=e, norm=wildcards["norm"],

@@ -63,6 +63,7 @@ PERTURBATION_LABELS = {
     "gaussian": "Gaussian noise",
     "sign": "random-sign noise",
     "train_adv": "adversarial examples trained on (AT/TRADES)",
+    "autoattack": "AutoAttack",
 }
 PALETTE = {
     "clean": "#1f77b4",
@@ -71,8 +72,10 @@ PALETTE = {
     "gaussian": "#2ca02c",
     "sign": "#ff7f0e",
     "train_adv": "#8c564b",
+    "autoattack": "#000000",
 }
-METHOD_ORDER = ["st", "at", "trades"]
+METHOD_ORDER = ["st", "at", "trades", "ext"]
+NCC_KINDS = ("clean", "pgd", "autoattack")  # ncc_vs_network: one panel per split x kind present
 
 PCT = 100.0  # accuracies are stored as fractions and drawn in percent
 DEG = 180.0 / np.pi  # angles are stored in radians and drawn in degrees
@@ -417,7 +420,7 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
     df = _final(select(tables["metrics"], sel))
     df = df[
         (df["grouping"] == "true")
-        & df["perturbation"].isin(["clean", "pgd"])
+        & df["perturbation"].isin(NCC_KINDS)
         & df["metric"].isin(["accuracy", "ncc_train_means_accuracy"])
     ]
     if df.empty:
@@ -432,7 +435,7 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
     cells = [
         (s, k)
         for s in ("test", "train")
-        for k in ("clean", "pgd")
+        for k in NCC_KINDS
         if not df[(df["split"] == s) & (df["perturbation"] == k)].empty
     ]
     order = [regime_label(r) for r in _regime_order(list(df["regime"]))]

@@ -16,8 +16,13 @@ from typing import Any
 
 from . import paths
 from .specs import (
+    EXTERNAL_ARCH,
+    EXTERNAL_EPOCH,
+    EXTERNAL_METHOD,
     Adversary,
+    AutoAttackSpec,
     DataSpec,
+    ExternalSpec,
     FeaturesSpec,
     LayerwiseOptions,
     LayerwiseSpec,
@@ -50,8 +55,16 @@ def method_of(regime: str) -> str:
     return regime.split("_", 1)[0]
 
 
+def external_regime(name: str) -> str:
+    return f"{EXTERNAL_METHOD}_{name}"
+
+
+def is_external(regime: str) -> bool:
+    return method_of(regime) == EXTERNAL_METHOD
+
+
 # How figures and tables name the training methods (in this order), norms and regimes: defined once.
-METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES"}
+METHOD_LABELS = {"st": "ST", "at": "AT", "trades": "TRADES", EXTERNAL_METHOD: "external"}
 TRAIN_ATTACK = {"at": "PGD ", "trades": "KL-PGD "}  # the inner attack each robust method trains against
 NORM_LABELS = {"linf": "ℓ∞", "l2": "ℓ2"}
 
@@ -60,6 +73,8 @@ def regime_label(regime: str) -> str:
     """The one reader-facing name of a regime id: 'st' -> 'ST', 'at_linf32' -> 'AT, PGD ℓ∞ 32/255'."""
     method, _, train_threat = regime.partition("_")
     label = METHOD_LABELS.get(method, method)
+    if method == EXTERNAL_METHOD:
+        return f"{label}: {train_threat}"
     m = re.fullmatch(r"(linf|l2)([0-9.]+)", train_threat)
     if m is None:
         return f"{label} [{train_threat}]" if train_threat else label
@@ -92,7 +107,8 @@ class Cell:
         return {**self.run.wildcards(), "epoch": self.epoch, "norm": self.norm, "eps": self.eps}
 
 
-def runs(config: dict[str, Any]) -> list[Run]:
+def trained_runs(config: dict[str, Any]) -> list[Run]:
+    """The runs with a train job: datasets x archs x methods x seeds."""
     adv = config["train"]["adversary"]
     return [
         Run(d, a, regime_id(m, adv), int(s))
@@ -103,6 +119,50 @@ def runs(config: dict[str, Any]) -> list[Run]:
     ]
 
 
+def external_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(config.get("external") or [])
+
+
+def external_arch(entry: dict[str, Any]) -> str:
+    return str(entry.get("arch") or EXTERNAL_ARCH)
+
+
+def external_runs(config: dict[str, Any]) -> list[Run]:
+    """One run per external checkpoint (no train job): regime ``ext_<name>``, the entry's seed."""
+    return [Run(e["dataset"], external_arch(e), external_regime(e["name"]), int(e.get("seed", 0)))
+            for e in external_entries(config)]
+
+
+def runs(config: dict[str, Any]) -> list[Run]:
+    """Every run whose checkpoints are evaluated: the trained ones, then the external ones."""
+    return [*trained_runs(config), *external_runs(config)]
+
+
+def external_entry(config: dict[str, Any], regime: str) -> dict[str, Any]:
+    for e in external_entries(config):
+        if external_regime(e["name"]) == regime:
+            return e
+    raise KeyError(f"no external model named {regime.removeprefix(EXTERNAL_METHOD + '_')!r} in config "
+                   f"'external' (names: {[e['name'] for e in external_entries(config)]})")
+
+
+def run_epochs(config: dict[str, Any], regime: str) -> list[int]:
+    """The evaluated epochs of a run: the checkpoint epochs, or an external model's one."""
+    return [EXTERNAL_EPOCH] if is_external(regime) else sorted(config["train"]["checkpoints"])
+
+
+def run_final_epoch(config: dict[str, Any], regime: str) -> int:
+    return EXTERNAL_EPOCH if is_external(regime) else final_epoch(config)
+
+
+def has_probes(config: dict[str, Any], run: Run) -> bool:
+    """Whether the layerwise analysis can probe the run's model (external non-registry: needs probes)."""
+    if not is_external(run.regime):
+        return True
+    e = external_entry(config, run.regime)
+    return bool(e.get("probes")) or bool(e.get("arch"))
+
+
 def threats(config: dict[str, Any]) -> list[tuple[str, str]]:
     return [(norm, fmt_eps(e)) for norm, t in config["attack"]["threats"].items() for e in t["epsilons"]]
 
@@ -111,9 +171,25 @@ def final_epoch(config: dict[str, Any]) -> int:
     return int(config["train"]["epochs"])
 
 
-def cells(config: dict[str, Any], *, final_only: bool = False) -> list[Cell]:
-    epochs = [final_epoch(config)] if final_only else sorted(config["train"]["checkpoints"])
-    return [Cell(r, e, n, eps) for r in runs(config) for e in epochs for n, eps in threats(config)]
+def cells(config: dict[str, Any], *, final_only: bool = False, external: bool = True) -> list[Cell]:
+    """Every evaluated checkpoint x threat (``external=False``: of the trained runs only)."""
+    return [Cell(r, e, n, eps)
+            for r in (runs(config) if external else trained_runs(config))
+            for e in ([run_final_epoch(config, r.regime)] if final_only else run_epochs(config, r.regime))
+            for n, eps in threats(config)]
+
+
+def layerwise_cells(config: dict[str, Any]) -> list[Cell]:
+    """The layerwise jobs: final checkpoint x threat of every run whose model has probes."""
+    return [c for c in cells(config, final_only=True) if has_probes(config, c.run)]
+
+
+def checkpoint_input(config: dict[str, Any], wildcards: Any) -> str:
+    """The checkpoint file a cell evaluates: the train job's, or an external model's own file."""
+    wc = _wc(wildcards)
+    if is_external(wc["regime"]):
+        return str(external_entry(config, wc["regime"])["checkpoint"])
+    return paths.format_path(paths.CHECKPOINT, **wc, epoch=wildcards["epoch"])
 
 
 def expand(pattern: str, items: list[Run] | list[Cell]) -> list[str]:
@@ -172,19 +248,36 @@ def threat_spec(config: dict[str, Any], norm: str, eps: str) -> Threat:
                   restarts=config["attack"]["restarts"])
 
 
+def _kinds_of(config: dict[str, Any], wildcards: Any) -> tuple[str, ...]:
+    """The config's kinds, less autoattack at a run's non-final epochs when it attacks the final one only."""
+    kinds = tuple(config["attack"]["kinds"])
+    aa = config["attack"].get("autoattack") or {}
+    if "autoattack" in kinds and aa.get("final_only", True):
+        if int(wildcards["epoch"]) != run_final_epoch(config, wildcards["regime"]):
+            kinds = tuple(k for k in kinds if k != "autoattack")
+    return kinds
+
+
 def features_spec_of(config: dict[str, Any], wildcards: Any) -> FeaturesSpec:
     a = config["attack"]
     budget = TargetedBudget.from_dict(a["targeted"], "attack.targeted")
+    kinds = _kinds_of(config, wildcards)
+    external = None
+    if is_external(wildcards["regime"]):
+        external = ExternalSpec.from_dict(external_entry(config, wildcards["regime"]), "external")
     return FeaturesSpec(
         data=data_spec(config, wildcards["dataset"]),
         threat=threat_spec(config, wildcards["norm"], wildcards["eps"]),
-        kinds=tuple(a["kinds"]),
+        kinds=kinds,
         splits=tuple(a["splits"]),
         target_rule=a["target_rule"],
         batch_size=a["batch_size"],
         storage=storage_spec(config),
         runtime=runtime_spec(config),
         targeted=None if budget.is_identity() else budget,
+        autoattack=(AutoAttackSpec.from_dict(a.get("autoattack") or {}, "attack.autoattack")
+                    if "autoattack" in kinds else None),
+        external=external,
     )
 
 
@@ -195,7 +288,8 @@ def features_spec(config: dict[str, Any], wildcards: Any) -> str:
 def layerwise_spec_of(config: dict[str, Any], wildcards: Any) -> LayerwiseSpec:
     f = features_spec_of(config, wildcards)
     parts = {x.name: getattr(f, x.name) for x in dataclasses.fields(f)}
-    return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",), "targeted": None},
+    return LayerwiseSpec(**{**parts, "kinds": ("clean", "pgd"), "splits": ("train",), "targeted": None,
+                            "autoattack": None},
                          layerwise=LayerwiseOptions.from_dict(config["layerwise"], "layerwise"),
                          metrics=MetricsOptions.from_dict(config["metrics"], "metrics"))
 

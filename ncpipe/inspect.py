@@ -340,8 +340,16 @@ def verify_dump(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         problems.append(f"{err}; cannot reload the images")
         return {"ok": False, "problems": problems, "checks": checks, "checkpoint": str(ckpt_path)}
     pool = fspec.layerwise.pool if isinstance(fspec, LayerwiseSpec) else 0
-    model, _ = load_checkpoint(ckpt_path, "cpu")
     data = load_data(fspec)
+    if fspec.external is not None:  # a model ncpipe did not train: rebuilt from its entry, from this file
+        import dataclasses
+
+        from .external import InputShape, load_external
+
+        shape = InputShape(data.num_classes, data.in_channels, int(data.x_train.shape[-1]), data.stem)
+        model, _ = load_external(dataclasses.replace(fspec.external, checkpoint=str(ckpt_path)), shape, "cpu")
+    else:
+        model, _ = load_checkpoint(ckpt_path, "cpu")
     amp = fspec.runtime.amp
     for name, st in stored.items():
         x, y = data.split(st["split"])

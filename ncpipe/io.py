@@ -448,6 +448,14 @@ def to_xarray(path: str | os.PathLike, split: str | None = None) -> xr.Dataset:
                 if f"{s}/{k}" not in f:
                     continue
                 g = f[f"{s}/{k}"]
+                if "indices" in g:  # a subset group (autoattack, per_class > 0): its rows, NaN elsewhere
+                    rows = a + g["indices"][:]
+                    if g["features"].shape[1] != dim or not np.array_equal(g["labels"][:], labels[rows]):
+                        raise DumpError(f"{path}: group {s}/{k} does not match its indices' labels")
+                    feats[ki, rows] = g["features"][:]
+                    preds[ki, rows] = g["predictions"][:]
+                    group_attrs[f"{s}/{k}"] = attrs_dict(g)
+                    continue
                 if g["features"].shape != (b - a, dim) or not np.array_equal(g["labels"][:], labels[a:b]):
                     raise DumpError(f"{path}: group {s}/{k} is not row-aligned with {first[s].name} "
                                     "(different shape or labels); read it with load_features instead")

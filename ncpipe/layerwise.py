@@ -218,7 +218,7 @@ def run_layerwise(spec: LayerwiseSpec | dict[str, Any], checkpoint: str, out_csv
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ev.perturb("pgd", x, y)
 
-    trained = regime_id(meta["method"], ckpt["spec"].get("adversary"))
+    trained = meta.get("regime") or regime_id(meta["method"], ckpt["spec"].get("adversary"))
     if regime is not None and regime != trained:
         raise UsageError(f"--regime {regime} contradicts {checkpoint}, which was trained as {trained}")
     regime = trained

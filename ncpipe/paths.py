@@ -39,7 +39,7 @@ FIGURES_INDEX = RESULTS + "/figures.txt"  # rule `figures`: every figure and tab
 WILDCARD_PATTERNS = {
     "dataset": r"[a-z0-9]+",
     "arch": r"[a-z0-9]+",
-    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+)",
+    "regime": r"(?:st|at_[a-z0-9.]+|trades_[a-z0-9.]+|ext_[a-z0-9]+)",  # ext_<name>: config `external`
     "seed": r"\d+",
     "epoch": r"\d+",
     "norm": r"linf|l2",

@@ -100,11 +100,11 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     kept = set(families.kept_dump_epochs(config))
     cells = grid.cells(config)
     n = {
-        "train": len(grid.runs(config)),
+        "train": len(grid.trained_runs(config)),
         "features": sum(1 for c in cells if c.epoch in kept),  # features.keep: the kept dumps' rule
         "features_temp": sum(1 for c in cells if c.epoch not in kept),
-        "layerwise": len(grid.cells(config, final_only=True)) if layerwise else 0,
-        "train_logs": 1,
+        "layerwise": len(grid.layerwise_cells(config)) if layerwise else 0,
+        "train_logs": int(bool(grid.trained_runs(config))),  # only the training curves read it
         "aggregate_layerwise": int(layerwise),
         "metrics": len(grid.cells(config)),
         "aggregate": 1,
@@ -148,7 +148,7 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Image passes per stage: ``{stage: {"forward": n, "backward": n}}``."""
     out = {s: {"forward": 0, "backward": 0} for s in ("train", "features", "layerwise")}
     epochs, ckpts = int(config["train"]["epochs"]), len(config["train"]["checkpoints"])
-    for run in grid.runs(config):
+    for run in grid.trained_runs(config):
         n = split_sizes(config, run.dataset)
         f, b = _train_passes_per_image(config, run.method)
         out["train"]["forward"] += epochs * (f * n["train"] + n["test"])  # + test accuracy every epoch
@@ -163,7 +163,7 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
                 out["features"]["forward"] += f * n[split]
                 out["features"]["backward"] += b * n[split]
     if config["layerwise"]["enabled"]:
-        for cell in grid.cells(config, final_only=True):
+        for cell in grid.layerwise_cells(config):
             n = split_sizes(config, cell.run.dataset)["train"]
             steps = int(config["attack"]["threats"][cell.norm]["steps"]) * int(config["attack"]["restarts"])
             out["layerwise"]["forward"] += (2 + steps + 2) * n  # attack; 2 passes each, clean and PGD
@@ -220,7 +220,8 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
     fbytes = _DTYPE_BYTES[fdtype]
     lw = config["layerwise"]
     shapes: dict[tuple[str, str], ModelShape] = {}
-    for run in grid.runs(config):
+    # external models' sizes are not known before their files are read: the storage forecast leaves them out
+    for run in grid.trained_runs(config):
         if (run.arch, run.dataset) not in shapes:
             shapes[(run.arch, run.dataset)] = model_shape(run.arch, run.dataset, config["model"]["width"],
                                                           int(lw.get("pool", 0)))
@@ -237,12 +238,12 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         a[1] += kept
         a[2] += kept * nbytes
 
-    for run in grid.runs(config):
+    for run in grid.trained_runs(config):
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         add("checkpoints", epochs, sh.checkpoint_bytes)
         if run.method != "st" and record:
             add(RECORDED, epochs, n["train"] * (sh.feature_dim * _DTYPE_BYTES[rdtype] + _INT64))
-    for cell in grid.cells(config):
+    for cell in grid.cells(config, external=False):
         run = cell.run
         sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
         size = 0.0
@@ -257,7 +258,7 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         groups = len(config["attack"]["splits"]) * len(config["attack"]["kinds"])
         add("metrics tables", [cell.epoch], groups * _METRIC_ROWS_PER_GROUP * _CSV_ROW_BYTES)
     if lw["enabled"]:
-        for cell in grid.cells(config, final_only=True):
+        for cell in grid.cells(config, final_only=True, external=False):
             run = cell.run
             sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
             per_class = int(lw["per_class"])

@@ -4,7 +4,8 @@ What belongs here: :func:`open_evaluation` (runtime set-up, load and verify the 
 eagerly in eval mode, load the spec's data, seed the stage's generator) and the :class:`Evaluation` it
 returns, which also builds the provenance attributes of the stage's output file and runs a perturbation kind
 with the spec's threat.  ``ncpipe.extract`` and ``ncpipe.layerwise`` both start here; a new stage that
-evaluates a checkpoint should too.
+evaluates a checkpoint should too.  An external model (``spec.external``) is rebuilt by ``ncpipe.external``
+from its own file instead.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Evaluation:
         """``attacks.perturb`` of ``kind`` against the prepared model with the kind's threat and generator."""
         return attacks.perturb(kind, self.net, x, y, **self.spec.threat_of(kind).attack_kwargs(),
                                generator=self.generator,
-                               amp_dtype=self.amp, **kw)
+                               amp_dtype=self.amp, options=self.spec.kind_options(kind), **kw)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +81,16 @@ def open_evaluation(spec: FeaturesSpec, checkpoint: str) -> Evaluation:
     starts.
     """
     device, amp = runtime_setup(spec.runtime)
-    model, ckpt = load_checkpoint(checkpoint, device)
+    data = load_data(spec)
+    if spec.external is not None:  # a model ncpipe did not train (config `external`); the file is its own
+        from .external import InputShape, load_external
+
+        shape = InputShape(data.num_classes, data.in_channels, int(data.x_train.shape[-1]), data.stem)
+        model, ckpt = load_external(spec.external, shape, device)
+    else:
+        model, ckpt = load_checkpoint(checkpoint, device)
     net = prepare_model(model, spec.runtime, device, compile=False)
     net.eval()
-    data = load_data(spec)
     meta = ckpt["meta"]
     gen = torch.Generator(device=device).manual_seed(int(meta["seed"]) * 100_003 + int(ckpt["epoch"]))
     return Evaluation(spec, str(checkpoint), model, net, ckpt, data, device, amp, gen)

@@ -32,6 +32,8 @@ def schema_default(*keys: str) -> Any:
     """The schema's default of a config key: ``schema_default("runtime", "amp")`` is False."""
     node: dict[str, Any] = load_schema()
     for k in keys:
+        if "properties" not in node and "items" in node:  # a list of sections (config `external`)
+            node = node["items"]
         node = node["properties"][k]
     if "default" not in node:
         raise KeyError(f"config key {'.'.join(keys)} has no default in the schema")
@@ -80,6 +82,8 @@ class Spec:
             sub = _spec_class(hints[name])
             if name in d:
                 kw[name] = _convert(hints[name], d[name], f"{where}.{name}")
+            elif f.metadata.get("absent_none"):  # an optional section (autoattack, external): absent is None
+                continue
             elif sub is not None and sub.SCHEMA:  # a whole section left out: all of it from the schema
                 kw[name] = sub.from_dict({}, f"{where}.{name}")
             elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
@@ -226,6 +230,26 @@ class TargetedBudget(Spec):
 
 
 @dataclass(frozen=True)
+class AutoAttackSpec(Spec):
+    """The autoattack kind's settings (config ``attack.autoattack``): its attacks and the samples attacked."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("attack", "autoattack")
+    version: str
+    attacks: tuple[str, ...]
+    steps: int
+    square_queries: int
+    seed: int
+    splits: tuple[str, ...]
+    per_class: int
+    final_only: bool
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of ``attacks.autoattack`` (the sample selection stays with the stage)."""
+        return {"version": self.version, "attacks": list(self.attacks), "steps": self.steps,
+                "square_queries": self.square_queries, "seed": self.seed}
+
+
+@dataclass(frozen=True)
 class Adversary(Spec):
     """The training threat (config ``train.adversary``): a :class:`Threat` without restarts."""
 
@@ -261,8 +285,44 @@ class TradesSpec(Spec):
         return Threat(adversary.norm, adversary.epsilon, step, adversary.steps)
 
 
+# External checkpoints (config ``external``): cells without a train job, regime ``ext_<name>``, one epoch.
+EXTERNAL_METHOD = "ext"
+EXTERNAL_EPOCH = 0  # the epoch wildcard of an external model's only cell
+EXTERNAL_ARCH = "custom"  # the arch wildcard of an external model not built from the registry
+
+
+@dataclass(frozen=True)
+class ExternalSpec(Spec):
+    """One external checkpoint (an entry of config ``external``): how to rebuild and read the model."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("external",)
+    name: str
+    dataset: str
+    checkpoint: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    arch: str | None
+    width: float
+    factory: str | None
+    factory_kwargs: dict[str, Any]
+    format: str
+    state_dict_key: str | None
+    feature_module: str | None
+    probes: tuple[str, ...]
+    seed: int
+
+    @property
+    def regime(self) -> str:
+        return f"{EXTERNAL_METHOD}_{self.name}"
+
+    @property
+    def arch_label(self) -> str:
+        return self.arch or EXTERNAL_ARCH
+
+
 # ----------------------------------------------------------------------------------------- rule specs
 _OPT = {"omit_none": True}
+_ABSENT = {"omit_none": True, "absent_none": True}  # left out of the JSON, and None when the JSON lacks it
 
 
 @dataclass(frozen=True)
@@ -320,6 +380,16 @@ class FeaturesSpec(Spec):
     runtime: RuntimeSpec
     # left out of the JSON when it is the authors' same-budget attack, so paper-config jobs keep their params
     targeted: TargetedBudget | None = field(default=None, metadata=_OPT)
+    # present only where the kinds include autoattack, so other jobs keep their params
+    autoattack: AutoAttackSpec | None = field(default=None, metadata=_ABSENT)
+    # an external checkpoint's recipe (config ``external``); trained cells leave it out
+    external: ExternalSpec | None = field(default=None, metadata=_ABSENT)
+
+    def kind_options(self, kind: str) -> dict[str, Any] | None:
+        """A kind's own options for ``attacks.perturb`` (autoattack's), else None."""
+        if kind == "autoattack":
+            return (self.autoattack or AutoAttackSpec.from_dict({}, "attack.autoattack")).options()
+        return None
 
     def threat_of(self, kind: str) -> Threat:
         """The threat a perturbation kind runs with: the targeted kind's scaled by ``targeted``."""

@@ -18,10 +18,10 @@ STAGE_MODULES: dict[str, list[str]] = {
     "train": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint", "train",
               "utils", "progress", "grid", "paths"],
     "features": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                 "session", "extract", "io", "utils", "progress", "grid", "paths"],
+                 "session", "extract", "io", "utils", "progress", "grid", "paths", "external"],
     "metrics": ["config", "metrics", "evaluate", "io", "utils", "leap"],
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
-                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress"],
+                  "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress", "external"],
     "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
     "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
 }

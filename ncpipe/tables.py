@@ -33,6 +33,17 @@ ACCURACY_COLUMNS = [
     ("ncc_test_clean", "test", "clean", "ncc_train_means_accuracy", "NCC test clean"),
     ("ncc_test_pgd", "test", "pgd", "ncc_train_means_accuracy", "NCC test PGD"),
 ]
+# Beside PGD where the run has the autoattack kind (columns left out of tables without it)
+OPTIONAL_ACCURACY_COLUMNS = [
+    ("train_autoattack", "train", "autoattack", "accuracy", "train AutoAttack"),
+    ("test_autoattack", "test", "autoattack", "accuracy", "test AutoAttack"),
+    ("ncc_test_autoattack", "test", "autoattack", "ncc_train_means_accuracy", "NCC test AutoAttack"),
+]
+
+
+def _columns(metrics: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
+    present = set(zip(metrics["split"], metrics["perturbation"], strict=True)) if len(metrics) else set()
+    return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS if (c[1], c[2]) in present)]
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 
 
@@ -57,7 +68,7 @@ def accuracy_table(metrics: pd.DataFrame, dataset: str, norm: str, eps: str) -> 
             "epoch": final,
             "seeds": int(g["seed"].nunique()),
         }
-        for col, split, kind, metric, _ in ACCURACY_COLUMNS:
+        for col, split, kind, metric, _ in _columns(df):
             v = g[(g["split"] == split) & (g["perturbation"] == kind) & (g["metric"] == metric)]
             per_seed = v.groupby("seed")["value"].mean() * 100.0
             row[f"{col}_mean"] = float(per_seed.mean()) if len(per_seed) else np.nan
@@ -79,7 +90,8 @@ def _cell(mean: float, sd: float) -> str:
 
 def to_latex(table: pd.DataFrame, dataset: str, norm: str, eps: str) -> str:
     """A booktabs table: mean +- s.d. over seeds, in percent."""
-    cols = ACCURACY_COLUMNS
+    cols = [c for c in (*ACCURACY_COLUMNS, *OPTIONAL_ACCURACY_COLUMNS) if f"{c[0]}_mean" in table.columns]
+    cols = cols or ACCURACY_COLUMNS
     head = " & ".join(["Architecture", "Method", *[h for *_, h in cols]]) + r" \\"
     lines = [
         r"\begin{table}[t]",
@@ -149,6 +161,8 @@ LEAP_COLUMNS = ["dataset", "arch", "regime", "method", "seed", "epoch", "norm", 
 
 
 def _regime_of(root: dict[str, Any]) -> str:
+    if root.get("regime"):  # external checkpoints name their regime (ext_<name>) in the dump
+        return str(root["regime"])
     adv = root.get("training_adversary")
     if isinstance(adv, str):
         adv = json.loads(adv) if adv not in ("", "null", "none", "None") else None

@@ -24,13 +24,18 @@ from ncpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CONFIGS = sorted(p.name for p in (ROOT / "config").glob("*.yaml"))
+# external_example.yaml reads a checkpoint the user writes first (its file is checked at parse time):
+# tests/test_external.py writes it and compares that config's plan with its dry run
+CONFIGS = sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "external_example.yaml")
 # the acceptance counts of issue 13: one features job per checkpoint of each run, at the grid's one threat;
 # the paper grids' storage policy (features.keep) splits them between the kept dumps' rule and features_temp
-FEATURES = {"paper.yaml": 2448, "paper_l2.yaml": 2448, "imagenette.yaml": 1224, "config.yaml": 15}
-KEPT = {"paper.yaml": 36 * 3, "paper_l2.yaml": 36 * 3, "imagenette.yaml": 18 * 3, "config.yaml": 15}
+FEATURES = {"paper.yaml": 2448, "paper_l2.yaml": 2448, "imagenette.yaml": 1224, "config.yaml": 15,
+            "autoattack.yaml": 15}
+KEPT = {"paper.yaml": 36 * 3, "paper_l2.yaml": 36 * 3, "imagenette.yaml": 18 * 3, "config.yaml": 15,
+        "autoattack.yaml": 15}
 FEATURE_RULES = ("features", "features_temp")
-THREAT = {"paper.yaml": "linf", "paper_l2.yaml": "l2", "imagenette.yaml": "linf", "config.yaml": "linf"}
+THREAT = {"paper.yaml": "linf", "paper_l2.yaml": "l2", "imagenette.yaml": "linf", "config.yaml": "linf",
+          "autoattack.yaml": "linf"}
 
 
 def _run(*cmd: str) -> str:

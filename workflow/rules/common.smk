@@ -17,6 +17,16 @@ except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 validate(config, schema=str(SCHEMA_PATH))  # package data: the one schema
 
+# External checkpoints (config `external`): each entry's file is loaded into its model once here, so a missing or
+# malformed file, a state dict that does not load or a missing module fails before any job, naming the key.
+if config.get("external"):
+    from ncpipe.external import validate_external
+
+    try:
+        validate_external(config)
+    except ConfigError as err:
+        raise WorkflowError(f"invalid configuration: {err}") from None
+
 # Clusters' shared file systems often refuse HDF5's file locks; the SLURM plugin exports the environment.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
@@ -62,7 +72,7 @@ if getattr(_out, "dryrun", False) and not getattr(_out, "verbose", False):
 # patterns from paths.WILDCARD_PATTERNS (one home); dataset and arch narrowed to the config's own lists
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
-    arch="|".join(config["archs"]),
+    arch="|".join(sorted({*config["archs"], *(r.arch for r in grid.external_runs(config))})),
     regime=paths.WILDCARD_PATTERNS["regime"],
     seed=paths.WILDCARD_PATTERNS["seed"],
     epoch=paths.WILDCARD_PATTERNS["epoch"],

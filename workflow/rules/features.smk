@@ -8,7 +8,7 @@ _TEMP_EPOCHS = sorted(set(config["train"]["checkpoints"]) - set(_KEPT_EPOCHS))
 
 rule features:
     input:
-        checkpoint=paths.CHECKPOINT,
+        checkpoint=lambda wc: grid.checkpoint_input(config, wc),  # an external model's own file, or training's
         code=code("features"),
     output:
         h5=paths.FEATURES,

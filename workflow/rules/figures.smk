@@ -154,7 +154,7 @@ rule figure_simplex_projection:
 # The per-run training logs with their run identity in one table, for the training-curve figures.
 rule train_logs:
     input:
-        logs=grid.expand(paths.TRAIN_LOG, grid.runs(config)),
+        logs=grid.expand(paths.TRAIN_LOG, grid.trained_runs(config)),
         code=code("tables"),
     output:
         table=paths.ALL_TRAIN_LOGS,

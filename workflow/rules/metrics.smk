@@ -41,7 +41,7 @@ rule aggregate:
 # Layerwise NC of the final checkpoint: NC1 and NCC accuracy at every probe layer, clean and PGD train data.
 rule layerwise:
     input:
-        checkpoint=paths.CHECKPOINT,
+        checkpoint=lambda wc: grid.checkpoint_input(config, wc),
         code=code("layerwise"),
     output:
         table=paths.LAYERWISE,
@@ -65,7 +65,7 @@ rule layerwise:
 
 rule aggregate_layerwise:
     input:
-        tables=grid.expand(paths.LAYERWISE, grid.cells(config, final_only=True)),
+        tables=grid.expand(paths.LAYERWISE, grid.layerwise_cells(config)),
     output:
         table=paths.ALL_LAYERWISE,
     log:
