@@ -46,6 +46,25 @@ class ImageData:
         raise KeyError(f"unknown split {name!r}; known: train, test")
 
 
+@dataclass(frozen=True)
+class DatasetSize:
+    train: int
+    test: int
+    classes: int
+    channels: int
+    pixels: int  # height = width
+    stem: str  # the model variant ncpipe.data picks for this image size
+
+
+# Nominal sizes of the full datasets, what `ncpipe plan` and the external-model check assume before any data
+# is loaded (data.{train,test}_per_class may take balanced subsets of them).
+DATASETS: dict[str, DatasetSize] = {
+    "mnist5k": DatasetSize(4000, 1000, 10, 1, 28, "cifar"),
+    "cifar10": DatasetSize(50000, 10000, 10, 3, 32, "cifar"),
+    "cifar100": DatasetSize(50000, 10000, 100, 3, 32, "cifar"),
+    "imagenette": DatasetSize(9469, 3925, 10, 3, 160, "imagenet"),
+}
+
 class DatasetMissingError(FileNotFoundError):
     """Raised with a message that says where the files must go and how to get them."""
 

@@ -232,7 +232,7 @@ def load_external(spec: ExternalSpec, ds: InputShape, device: torch.device | str
 
 def validate_external(config: dict[str, Any]) -> None:
     """Build every entry of config ``external`` once (the workflow calls it at parse time, before any job)."""
-    from .plan import DATASETS  # nominal dataset shapes; the stages take them from the loaded data
+    from .data import DATASETS  # nominal dataset shapes; the stages take them from the loaded data
 
     for i, entry in enumerate(config.get("external") or []):
         key = f"external[{i}]"
