@@ -264,6 +264,14 @@ def _provenance_line(root: Path, df: pd.DataFrame) -> str | None:
              "per class",
              f"evaluation PGD-{threat.get('steps', 'n/a')}, step {threat.get('step', 'n/a')}/255, "
              f"{threat.get('restarts', 'n/a')} restart(s), target rule `{spec.get('target_rule', 'n/a')}`"]
+    if spec.get("targeted"):  # the targeted kind's own budget (config attack.targeted), when it differs
+        from .specs import FeaturesSpec, SpecError
+
+        try:
+            tg = FeaturesSpec.from_dict(spec, "dump config").threat_of("targeted")
+            parts.append(f"targeted PGD-{tg.steps} {_threat(tg.norm, tg.epsilon)}, step {tg.step:g}/255")
+        except SpecError:
+            pass
     for r, a in attrs.items():
         adv = a.get("training_adversary", "none")
         if adv not in (None, "", "none"):
