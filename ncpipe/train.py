@@ -241,16 +241,19 @@ def run_training(spec: TrainSpec | dict[str, Any], checkpoint_outputs: dict[int,
     spec = TrainSpec.from_dict(spec, "training spec")
     resume = Path(resume_dir)
     cell = f"{spec.data.name}/{spec.arch}/{spec.method}/seed{spec.seed}"
+    # the device first: a job that asked for a GPU and has none fails before it touches the resume directory
+    device, amp = runtime_setup(spec.runtime)
     lock = lock_resume_dir(resume, cell)
     try:
-        _train(spec, checkpoint_outputs, log_csv, resume, stop_after_epoch, resume_key(spec, code_digest))
+        _train(spec, checkpoint_outputs, log_csv, resume, stop_after_epoch, resume_key(spec, code_digest),
+               device, amp)
     finally:
         release_pid_lock(lock)
 
 
 def _train(spec: TrainSpec, checkpoint_outputs: dict[int, str], log_csv: str, resume: Path,
-           stop_after_epoch: int | None, key: dict[str, str]) -> None:
-    device, amp = runtime_setup(spec.runtime)
+           stop_after_epoch: int | None, key: dict[str, str], device: torch.device,
+           amp: torch.dtype | None) -> None:
     seed_everything(spec.seed)
     data = load_data(spec)
     model = model_from_data(spec, data)

@@ -253,14 +253,14 @@ def test_targeted_budget_scales_only_the_targeted_kind_and_paper_configs_keep_th
     from ncpipe.specs import FeaturesSpec
 
     root = Path(__file__).resolve().parents[1] / "config"
-    wc = {"dataset": "cifar10", "norm": "linf", "eps": "8"}
+    wc = {"dataset": "cifar10", "regime": "st", "norm": "linf", "eps": "8"}
     paper = load_config(root / "paper.yaml")
     assert paper["attack"]["targeted"] == {"epsilon_factor": 1.0, "step_factor": 1.0, "steps_factor": 1}
     assert "targeted" not in json.loads(grid.features_spec(paper, wc))  # the authors' same-budget attack
     assert FeaturesSpec.from_json(grid.features_spec(paper, wc)).threat_of("targeted") == \
         FeaturesSpec.from_json(grid.features_spec(paper, wc)).threat
     default = load_config(root / "config.yaml")
-    mnist = {"dataset": "mnist5k", "norm": "linf", "eps": "32"}
+    mnist = {"dataset": "mnist5k", "regime": "st", "norm": "linf", "eps": "32"}
     spec = FeaturesSpec.from_json(grid.features_spec(default, mnist))
     adv, tk, f = spec.threat, spec.threat_of("targeted"), spec.targeted
     assert not f.is_identity()
@@ -268,9 +268,7 @@ def test_targeted_budget_scales_only_the_targeted_kind_and_paper_configs_keep_th
     assert tk.step_px == pytest.approx(adv.step_px * f.step_factor)
     assert tk.steps == adv.steps * f.steps_factor
     assert spec.threat_of("pgd") == adv  # only the targeted kind is scaled
-    assert "targeted" not in json.loads(
-        grid.layerwise_spec(default, {"dataset": "mnist5k", "norm": "linf", "eps": "32"})
-    )
+    assert "targeted" not in json.loads(grid.layerwise_spec(default, mnist))
 
 
 def test_simplex_projection_of_c100_draws_the_first_ten_classes():
