@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from .utils import set_threads, setup_logging
+from .utils import set_threads, setup_logging, write_csv_verified
 
 log = logging.getLogger("ncpipe")
 
@@ -31,13 +31,6 @@ TORCH_STAGES = frozenset({"train", "features", "layerwise", "inspect"})
 
 def _spec(s: str) -> dict:
     return json.loads(Path(s[1:]).read_text()) if s.startswith("@") else json.loads(s)
-
-
-def _write_csv(df, out: str) -> None:
-    """Write a table atomically, with the digest sidecar its readers check (``utils.write_csv_verified``)."""
-    from .utils import write_csv_verified
-
-    write_csv_verified(df, out)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -64,14 +57,14 @@ def cmd_features(a: argparse.Namespace) -> None:
 def cmd_metrics(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_dump
 
-    _write_csv(evaluate_dump(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
+    write_csv_verified(evaluate_dump(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
     from .evaluate import aggregate
 
     df = aggregate(a.tables)
-    _write_csv(df, a.out)
+    write_csv_verified(df, a.out)
     log.info("%d rows from %d tables -> %s", len(df), len(a.tables), a.out)
 
 
@@ -87,7 +80,7 @@ def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
     from .tables import aggregate_layerwise
 
     df = aggregate_layerwise(a.tables)
-    _write_csv(df, a.out)
+    write_csv_verified(df, a.out)
     log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
 
 
@@ -124,7 +117,7 @@ def cmd_train_logs(a: argparse.Namespace) -> None:
     from .tables import aggregate_train_logs
 
     df = aggregate_train_logs(a.logs)
-    _write_csv(df, a.out)
+    write_csv_verified(df, a.out)
     log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
 
 

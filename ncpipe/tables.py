@@ -134,16 +134,20 @@ def write_accuracy_tables(
     for stem in stems:
         sel = parse_table_stem(stem)
         t = accuracy_table(metrics, **sel)
-        base = Path(outdir) / stem
-        with atomic_output(f"{base}.csv") as tmp:
-            t.to_csv(tmp, index=False, float_format="%.4g")
-        with atomic_output(f"{base}.tex") as tmp:
-            Path(tmp).write_text(to_latex(t, **sel))
-        with atomic_output(f"{base}.html") as tmp:
-            Path(tmp).write_text(to_html(t, f"{sel['dataset']}: final-epoch accuracy (%), {sel['norm']} "
-                                            f"ε = {sel['eps']}/255, mean and s.d. over seeds"))
-        out += [f"{base}.csv", f"{base}.tex", f"{base}.html"]
+        out += _write_formats(Path(outdir) / stem, t, "%.4g", to_latex(t, **sel),
+                              to_html(t, f"{sel['dataset']}: final-epoch accuracy (%), {sel['norm']} "
+                                         f"ε = {sel['eps']}/255, mean and s.d. over seeds"))
     return out
+
+
+def _write_formats(base: Path, frame: pd.DataFrame, float_format: str, latex: str, html: str) -> list[str]:
+    """``<base>.csv`` of ``frame`` and the given LaTeX and HTML texts, each written atomically."""
+    with atomic_output(f"{base}.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format)
+    for ext, text in (("tex", latex), ("html", html)):
+        with atomic_output(f"{base}.{ext}") as tmp:
+            Path(tmp).write_text(text)
+    return [f"{base}.csv", f"{base}.tex", f"{base}.html"]
 
 
 def to_html(table: pd.DataFrame, title: str) -> str:
@@ -242,17 +246,10 @@ def write_leap_tables(dumps: list[str | os.PathLike], stem: str, outdir: str | o
     sel = parse_leap_stem(stem)
     long = leap_frame(dumps)
     wide = leap_wide(long)
-    base = Path(outdir) / stem
-    with atomic_output(f"{base}.csv") as tmp:
-        long.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_output(f"{base}.tex") as tmp:
-        Path(tmp).write_text(leap_latex(wide, sel))
-    with atomic_output(f"{base}.html") as tmp:
-        Path(tmp).write_text(to_html(wide, f"{sel['dataset']} / {sel['arch']}: leap matrix (share of each "
-                                           f"true "
-                                           f"class landing nearest each clean train class mean), final "
-                                           f"epoch, train data, {sel['norm']} ε = {sel['eps']}/255"))
-    return [f"{base}.csv", f"{base}.tex", f"{base}.html"]
+    return _write_formats(Path(outdir) / stem, long, "%.6g", leap_latex(wide, sel),
+                          to_html(wide, f"{sel['dataset']} / {sel['arch']}: leap matrix (share of each true "
+                                        f"class landing nearest each clean train class mean), final epoch, "
+                                        f"train data, {sel['norm']} ε = {sel['eps']}/255"))
 
 
 # ------------------------------------------------------------------------------------------- training logs
