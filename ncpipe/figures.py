@@ -462,6 +462,8 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
         )
         ax.set_title(f"{split} data, {PERTURBATION_LABELS[kind]}")
         ax.set_xlabel("training method")
+        # the regime labels name the training threat too: side by side they overlap, slanted they do not
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right", rotation_mode="anchor")
         ax.set_ylabel("accuracy (%)", visible=True)  # seaborn hides it next to shared (hidden) y ticks
         ax.set_ylim(0, 100)
     # seaborn's own legend would add its proxy patches to the first axes; the figure gets one shared legend
