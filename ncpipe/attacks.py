@@ -212,6 +212,34 @@ def _project_delta(x: torch.Tensor, delta: torch.Tensor, norm: str, epsilon: flo
     return (x + _ball(norm).clip(delta, epsilon)).clamp(0.0, 1.0) - x
 
 
+def _project_delta_box_first(x: torch.Tensor, delta: torch.Tensor, norm: str, epsilon: float) -> torch.Tensor:
+    """In-loop projection in the other order (box, then ball), the authors' TRADES l_2 order.
+
+    Feasible without a second clamp: shrinking a delta whose end point is in the box towards 0 keeps it there,
+    since the box is convex and contains ``x``.
+    """
+    return _ball(norm).clip((x + delta).clamp(0.0, 1.0) - x, epsilon)
+
+
+# TRADES's in-loop l_2 projection orders (config ``train.trades_l2_projection``, names from the schema's
+# enum).  At l_inf both orders give the same point, so the l_inf attack always takes ball_then_box's code.
+TRADES_L2_PROJECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, str, float], torch.Tensor]] = {
+    "box_then_ball": _project_delta_box_first,
+    "ball_then_box": _project_delta,
+}
+if set(TRADES_L2_PROJECTIONS) != set(schema_enum("train", "trades_l2_projection")):
+    raise RuntimeError("attacks.TRADES_L2_PROJECTIONS differs from the schema's train.trades_l2_projection")
+AUTHORS_TRADES_L2_PROJECTION = "box_then_ball"
+
+
+def _trades_projection(norm: str, l2_projection: str
+                       ) -> Callable[[torch.Tensor, torch.Tensor, str, float], torch.Tensor]:
+    if l2_projection not in TRADES_L2_PROJECTIONS:
+        raise ValueError(f"unknown TRADES l_2 projection {l2_projection!r} (train.trades_l2_projection); "
+                         f"known: {', '.join(TRADES_L2_PROJECTIONS)}")
+    return TRADES_L2_PROJECTIONS[l2_projection] if norm == "l2" else _project_delta
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def _next_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
     return (y + 1) % num_classes
@@ -356,15 +384,17 @@ def _kl_rows(logits_ref: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor
 
 def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: float, step: float, steps: int,
                         generator: torch.Generator | None, amp_dtype: torch.dtype | None,
-                        project_start: bool = False) -> torch.Tensor:
+                        project_start: bool = False,
+                        l2_projection: str = AUTHORS_TRADES_L2_PROJECTION) -> torch.Tensor:
     """The KL inner maximisation, assuming the caller has set the model mode and put ``x`` on its device."""
+    project_delta = _trades_projection(norm, l2_projection)
     with torch.no_grad(), _autocast(x, amp_dtype):
         ref = model(x).float()  # the clean distribution is a fixed target of the inner problem
     delta = 0.001 * _randn(x.shape, x, generator)
     if project_start:
         # ncpipe's variant; the authors take the first gradient at the unprojected start, which on saturated
         # MNIST pixels lies outside [0, 1]
-        delta = _project_delta(x, delta, norm, epsilon)
+        delta = project_delta(x, delta, norm, epsilon)
     with torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
@@ -372,8 +402,9 @@ def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: f
                 logits = model(x + delta)
             (grad,) = torch.autograd.grad(_kl_rows(ref, logits).sum(), delta)
             with torch.no_grad():
-                delta = _project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
+                delta = project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
     with torch.no_grad():
+        # the exact guard; it moves a box_then_ball point by at most 1e-5 of eps (towards x, inside the box)
         return project(x, x + delta.detach(), norm=norm, epsilon=epsilon)
 
 
@@ -386,6 +417,7 @@ def trades_attack(
     step: float,
     steps: int,
     project_start: bool = False,
+    l2_projection: str = AUTHORS_TRADES_L2_PROJECTION,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -399,6 +431,11 @@ def trades_attack(
     2 * eps / steps on the normalised gradient, then a box clamp and a renorm to eps; that is the same update
     when ``step = 2 * epsilon / steps`` (``specs.authors_trades_step``, the training default).
 
+    ``l2_projection`` (l_2 only): ``"box_then_ball"``, the authors' order above (clamp into [0, 1], then
+    scale delta by min(1, eps / ||delta||)), or ``"ball_then_box"``, ncpipe's (scale, then clamp, as
+    :func:`pgd`).  Where a step leaves both the ball and the box they land on different feasible points:
+    box first rescales what the clamp left, ball first clamps after rescaling and so ends shorter.
+
     The model is in eval mode during the attack and each submodule's mode is restored afterwards; see
     :func:`trades_loss` for the authors' variant that never restores it.  The output is inside the ball and
     the box exactly, like :func:`pgd`'s.
@@ -406,7 +443,8 @@ def trades_attack(
     _check_norm(norm)
     x = x.detach().to(device=_model_device(model, x), dtype=_work_dtype(x))
     with _mode(model, False):
-        return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype, project_start)
+        return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype, project_start,
+                                   l2_projection)
 
 
 class TradesLoss(NamedTuple):
@@ -430,6 +468,7 @@ def trades_loss(
     steps: int,
     bn_quirk: bool = False,
     project_start: bool = False,
+    l2_projection: str = AUTHORS_TRADES_L2_PROJECTION,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> TradesLoss:
@@ -440,7 +479,7 @@ def trades_loss(
     logits (as in TRADES).  The adversarial logits are returned so that a caller logging robust accuracy needs
     no third forward pass (which, in train mode, would update the BN running stats once more).
 
-    ``project_start``: see :func:`trades_attack` (False: the authors' unprojected start).
+    ``project_start``, ``l2_projection``: see :func:`trades_attack` (their defaults are the authors').
 
     ``bn_quirk=False`` (ncpipe's variant; the training default is True, the authors'): the attack runs in eval
     mode and the model's previous modes are restored before the two loss forward passes, so a training model
@@ -460,7 +499,7 @@ def trades_loss(
     model.eval()
     try:
         x_adv = _trades_attack_eval(model, x.detach().to(_work_dtype(x)), norm, epsilon, step, steps,
-                                    generator, amp_dtype, project_start)
+                                    generator, amp_dtype, project_start, l2_projection)
     finally:
         if not bn_quirk:
             for m, flag in saved:

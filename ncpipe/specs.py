@@ -278,6 +278,12 @@ class TradesSpec(Spec):
     bn_quirk: bool
     step: float | None = None
     project_start: bool = False
+    l2_projection: str = field(default_factory=lambda: schema_default("train", "trades_l2_projection"))
+
+    def __post_init__(self) -> None:
+        allowed = load_schema()["properties"]["train"]["properties"]["trades_l2_projection"]["enum"]
+        if self.l2_projection not in allowed:
+            raise SpecError(f"train.trades_l2_projection: {self.l2_projection!r} is not one of {allowed}")
 
     def threat(self, adversary: Adversary) -> Threat:
         """The threat TRADES's inner attack runs with: the training threat with TRADES's own step."""

@@ -221,7 +221,8 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
         kl = tr.threat(spec.adversary)  # TRADES's own step (the authors' l_2 rule 2 * eps / steps)
         out = attacks.trades_loss(model, xb, yb, beta=tr.beta, norm=kl.norm, epsilon=kl.epsilon_px,
                                   step=kl.step_px, steps=kl.steps, bn_quirk=tr.bn_quirk,
-                                  project_start=tr.project_start, generator=gen, amp_dtype=amp)
+                                  project_start=tr.project_start, l2_projection=tr.l2_projection,
+                                  generator=gen, amp_dtype=amp)
         # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
         # the BN running stats once more in train mode
         return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach(),

@@ -4,16 +4,18 @@ here as a plain reference from their description (paper.md 1.4), on a case where
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
 from ncpipe import attacks, grid
-from ncpipe.config import load_config, validate_config
+from ncpipe.config import ConfigError, load_config, validate_config
 from ncpipe.models import build_model
-from ncpipe.specs import TrainSpec
+from ncpipe.specs import SpecError, TradesSpec, TrainSpec, schema_default
 from ncpipe.train import train_step
 from tests.test_grid_plans import ROOT
 
@@ -130,3 +132,152 @@ def test_at_makes_the_authors_bn_updates_per_batch():
     variant = copy.deepcopy(base)
     train_step(variant, x, y, _at_spec(False), torch.Generator().manual_seed(1), None)
     assert (_running_means(variant) - _running_means(ref)).abs().max().item() > 1e-4
+
+
+# ------------------------------------------------------------------ TRADES's l_2 projection order (row 24)
+def _numpy_project(x: np.ndarray, delta: np.ndarray, eps: float, order: str) -> np.ndarray:
+    """The two orders, per sample: box = clip x + delta into [0, 1]; ball = scale by min(1, eps / ||d||)."""
+    def box(d: np.ndarray) -> np.ndarray:
+        return np.clip(x + d, 0.0, 1.0) - x
+
+    def ball(d: np.ndarray) -> np.ndarray:
+        n = np.sqrt((d.reshape(len(d), -1) ** 2).sum(axis=1))
+        return d * np.minimum(1.0, eps / np.maximum(n, 1e-300)).reshape(-1, *[1] * (d.ndim - 1))
+
+    return ball(box(delta)) if order == "box_then_ball" else box(ball(delta))
+
+
+def _numpy_trades_l2(w: np.ndarray, b: np.ndarray, x: np.ndarray, noise: np.ndarray, eps: float, step: float,
+                     steps: int, order: str) -> np.ndarray:
+    """TRADES's l_2 attack on the linear model z = W x + b, from its closed-form KL gradient W^T (q - p)."""
+    def softmax(xx: np.ndarray) -> np.ndarray:
+        z = xx.reshape(len(xx), -1) @ w.T + b
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p = softmax(x)
+    delta = 0.001 * noise
+    for _ in range(steps):
+        g = ((softmax(x + delta) - p) @ w).reshape(x.shape)
+        delta = delta + step * g / np.sqrt((g.reshape(len(g), -1) ** 2).sum(axis=1)).reshape(-1, 1, 1, 1)
+        delta = _numpy_project(x, delta, eps, order)
+    return x + delta
+
+
+def _edge_case() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Two 2 x 2 images with a pixel near the top edge whose KL gradient is +-(1, 1, 0, 0) (the start noise
+    picks the sign): a step of 1.0 leaves the ball (eps 0.3) and the box either way.  By hand, for one step
+    of the sign the noise gives: image 1 (0.95, 0.5) - (0.71, 0.71): box first (-0.245, -0.173), ball first
+    (-0.212, -0.212); image 2 (0.5, 0.97) + (0.71, 0.71): box first (0.299, 0.018), ball first (0.212, 0.03),
+    shorter than eps."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+        model[1].bias.zero_()
+    x = torch.tensor([[0.95, 0.5, 0.5, 0.5], [0.5, 0.97, 0.2, 0.6]], dtype=torch.float64).view(2, 1, 2, 2)
+    return model, x
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_trades_l2_orders_match_a_numpy_reference_and_differ_near_the_box_edge(steps):
+    model, x = _edge_case()
+    eps, step = 0.3, 1.0
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    w, b = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
+    got = {}
+    for order in attacks.TRADES_L2_PROJECTIONS:
+        ref = _numpy_trades_l2(w, b, x.numpy(), noise, eps, step, steps, order)
+        got[order] = attacks.trades_attack(model, x, norm="l2", epsilon=eps, step=step, steps=steps,
+                                           l2_projection=order, generator=torch.Generator().manual_seed(5))
+        # the final exact guard may pull the point in by 1e-5 of eps, nothing more
+        np.testing.assert_allclose(got[order].numpy(), ref, rtol=0, atol=1e-5)
+    gap = (got["box_then_ball"] - got["ball_then_box"]).flatten(1).norm(dim=1)
+    assert (gap > 0.05).all()
+    # box first rescales after the clamp, so it keeps the whole budget; ball first can lose some to the clamp
+    norms = {k: (v - x).flatten(1).norm(dim=1) for k, v in got.items()}
+    assert torch.allclose(norms["box_then_ball"], torch.full((2,), eps, dtype=torch.float64), atol=1e-5)
+    assert (norms["ball_then_box"] < eps - 0.05).any()
+
+
+def test_trades_l2_both_orders_stay_inside_ball_and_box(trained_mnist_model):
+    model, x, _, _ = trained_mnist_model
+    x = x[:100]
+    eps, steps = 128 / 255, 5
+    model_e, x_e = _edge_case()
+    cases = [(model, x, eps, 2 * eps / steps), (model_e, x_e.float(), 0.3, 1.0)]
+    for m, xx, e, st in cases:
+        outs = {}
+        for order in attacks.TRADES_L2_PROJECTIONS:
+            xa = attacks.trades_attack(m.float(), xx, norm="l2", epsilon=e, step=st, steps=steps,
+                                       l2_projection=order, generator=torch.Generator().manual_seed(2))
+            assert xa.dtype == torch.float32
+            assert bool(((xa >= 0) & (xa <= 1)).all())
+            d = xa - xx
+            assert bool((d.flatten(1).norm(dim=1) <= e).all())
+            assert bool((d.double().flatten(1).norm(dim=1) <= e).all())
+            outs[order] = xa
+        # MNIST's saturated pixels: the orders differ on (nearly) every digit, by a few % of eps
+        differ = ((outs["box_then_ball"] - outs["ball_then_box"]).flatten(1).norm(dim=1) > 1e-4 * e)
+        assert differ.float().mean().item() > 0.5
+
+
+def test_trades_l2_projection_default_is_the_authors_box_then_ball_and_linf_ignores_it():
+    assert schema_default("train", "trades_l2_projection") == "box_then_ball"
+    assert attacks.AUTHORS_TRADES_L2_PROJECTION == "box_then_ball"
+    for fn in (attacks.trades_attack, attacks.trades_loss):
+        assert inspect.signature(fn).parameters["l2_projection"].default == "box_then_ball"
+    assert TradesSpec(6.0, True).l2_projection == "box_then_ball"
+    wc = {"arch": "vgg11bn", "seed": 1}
+    for name in ("config.yaml", "paper.yaml", "paper_l2.yaml", "imagenette.yaml"):
+        c = load_config(ROOT / "config" / name)
+        spec = grid.train_spec_of(c, {**wc, "dataset": c["datasets"][0],
+                                      "regime": grid.regime_id("trades", c["train"]["adversary"])})
+        assert spec.trades is not None and spec.trades.l2_projection == "box_then_ball", name
+    # l_inf: the two projections commute, and both names run the same code (bit-identical)
+    model, x = _edge_case()
+    kw: dict[str, Any] = {"norm": "linf", "epsilon": 0.1, "step": 0.05, "steps": 3}
+    a, b = (attacks.trades_attack(model, x, **kw, l2_projection=o, generator=torch.Generator().manual_seed(1))
+            for o in attacks.TRADES_L2_PROJECTIONS)
+    assert torch.equal(a, b)
+
+
+def test_trades_l2_projection_reaches_the_attack_from_the_config(monkeypatch):
+    c = load_config(ROOT / "config" / "paper_l2.yaml")
+    c["train"]["trades_l2_projection"] = "ball_then_box"
+    validate_config(c)
+    wc = {"dataset": "cifar10", "arch": "vgg11bn", "seed": 1, "regime": "trades_l2128"}
+    spec = grid.train_spec_of(c, wc)
+    assert TrainSpec.from_json(spec.to_json()) == spec
+    assert '"l2_projection": "ball_then_box"' in spec.to_json()  # so it is part of the training resume key
+    seen: dict[str, Any] = {}
+
+    def spy(model, x, y, **kw):
+        seen.update(kw)
+        raise StopIteration
+
+    monkeypatch.setattr(attacks, "trades_loss", spy)
+    with pytest.raises(StopIteration):
+        train_step(torch.nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), spec,
+                   torch.Generator(), None)
+    assert seen["l2_projection"] == "ball_then_box" and seen["norm"] == "l2"
+    monkeypatch.undo()
+    # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same order
+    model, x = _edge_case()
+    y = torch.zeros(2, dtype=torch.long)
+    for order in attacks.TRADES_L2_PROJECTIONS:
+        kw: dict[str, Any] = {"norm": "l2", "epsilon": 0.3, "step": 1.0, "steps": 2, "l2_projection": order}
+        out = attacks.trades_loss(model, x, y, **kw, generator=torch.Generator().manual_seed(4))
+        ref = attacks.trades_attack(model, x, **kw, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(out.x_adv, ref)
+
+
+def test_an_unknown_trades_l2_projection_is_refused_naming_the_key():
+    bad = {"datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["trades"], "seeds": [1],
+           "train": {"checkpoints": [1], "trades_l2_projection": "radial"}}
+    with pytest.raises(ConfigError, match=r"train\.trades_l2_projection.*box_then_ball"):
+        validate_config(bad)
+    with pytest.raises(SpecError, match="trades_l2_projection"):
+        TradesSpec(6.0, True, l2_projection="radial")
+    model, x = _edge_case()
+    with pytest.raises(ValueError, match="trades_l2_projection"):
+        attacks.trades_attack(model, x, norm="l2", epsilon=0.3, step=1.0, steps=1, l2_projection="radial")
