@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ncpipe import families, figures, grid, paths, tables
+from ncpipe import families, figures, grid, tables
 from ncpipe.config import load_config
-from ncpipe.utils import write_csv_verified
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_tables import (  # noqa: E402
@@ -390,35 +389,3 @@ def test_accuracy_table_stems_round_trip():
     }
     with pytest.raises(ValueError, match="not an accuracy table name"):
         families.parse_table_stem("accuracy_final__cifar10__l38")
-
-def test_train_logs_get_their_run_identity_from_the_path(tmp_path):
-    logs = []
-    for regime, seed in [("st", 1), ("at_linf8", 2)]:
-        p = tmp_path / paths.format_path(
-            paths.TRAIN_LOG, dataset="cifar10", arch="vgg11bn", regime=regime, seed=seed
-        )
-        p.parent.mkdir(parents=True)
-        write_csv_verified(  # as the trainer writes it: with its digest
-            pd.DataFrame(
-                {
-                    "epoch": [1, 2],
-                    "lr": [0.1, 0.1],
-                    "loss": [2.0, 1.0],
-                    "train_acc": [0.1, 0.2],
-                    "robust_loss": [np.nan] * 2,
-                    "robust_acc": [np.nan] * 2,
-                    "test_acc": [0.1, 0.1],
-                    "seconds": [1.0, 1.0],
-                }
-            ),
-            p,
-        )
-        logs.append(p)
-    df = tables.aggregate_train_logs(logs)
-    assert list(df.columns[:5]) == tables.RUN_COLUMNS
-    assert df.groupby(["regime", "method", "seed"]).size().to_dict() == {
-        ("at_linf8", "at", 2): 2,
-        ("st", "st", 1): 2,
-    }
-    with pytest.raises(ValueError, match="not a training log path"):
-        tables.aggregate_train_logs([tmp_path / "elsewhere.csv"])
