@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 from . import paths
-from .grid import method_of
 from .utils import Table, read_table_verified
 
 # Row order of ``paths.ALL_METRICS``: ``evaluate.ID_COLUMNS``, then grouping and metric.
@@ -55,6 +54,8 @@ def _run_regex() -> re.Pattern[str]:
 
 def aggregate_train_logs(logs: list[str | os.PathLike]) -> Table:
     """Concatenate per-run ``train_log.csv`` files with their run identity (RUN_COLUMNS first)."""
+    from .grid import method_of  # here: grid loads specs (~0.04 s), which the other aggregate jobs never use
+
     rx = _run_regex()
     parts = []
     for p in logs:

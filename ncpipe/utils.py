@@ -273,17 +273,19 @@ class Table:
         """The rows in a stable order by ``keys``, the order of pandas' ``sort_values(keys, kind="stable")``
         on the table as ``read_csv`` types it: a column whose filled cells all read as integers (or all as
         numbers) compares as numbers, any other as text; empty cells sort last."""
-        index = [self.columns.index(k) for k in keys]
-        parsers = [_column_parser([r[i] for r in self.rows]) for i in index]
-
-        def key(row: list[Any]) -> tuple[Any, ...]:
-            out: list[Any] = []
-            for i, parse in zip(index, parsers, strict=True):
-                v = row[i]
-                out += [(1, 0)] if _missing(v) else [(0, parse(v))]
-            return tuple(out)
-
-        return Table(list(self.columns), sorted(self.rows, key=key))
+        by: list[list[Any]] = []
+        for k in keys:
+            i = self.columns.index(k)
+            cells = [r[i] for r in self.rows]
+            missing = [_missing(v) for v in cells]
+            parse = _column_parser([v for v, m in zip(cells, missing, strict=True) if not m])
+            if any(missing):  # (0, value) before (1, 0): missing last, never compared with a value
+                by.append([(1, 0) if m else (0, parse(v)) for v, m in zip(cells, missing, strict=True)])
+            else:
+                by.append([parse(v) for v in cells])
+        keyed = list(zip(*by, strict=True)) if by else [()] * len(self)
+        order = sorted(range(len(self.rows)), key=keyed.__getitem__)
+        return Table(list(self.columns), [self.rows[i] for i in order])
 
 
 # The texts pandas' read_csv takes for a missing value (its default na_values): a Table reads them as None,
@@ -296,9 +298,8 @@ def _missing(v: Any) -> bool:
     return v is None or v == "" or (not isinstance(v, str) and v != v)  # v != v: NaN
 
 
-def _column_parser(cells: list[Any]) -> type:
-    """``int``, ``float`` or ``str``: the type ``read_csv`` gives a column of these cells, to sort it by."""
-    filled = [v for v in cells if not _missing(v)]
+def _column_parser(filled: list[Any]) -> type:
+    """``int``, ``float`` or ``str``: the type ``read_csv`` gives a column of these (non-missing) cells."""
     for parse in (int, float):
         if all(_reads_as(v, parse) for v in filled):
             return parse
@@ -323,7 +324,7 @@ def _reads_as(v: Any, parse: type) -> bool:
 def _cell_text(v: Any) -> str:
     if isinstance(v, str):
         return v
-    if _missing(v):
+    if v is None or v != v:  # NaN
         return ""
     if isinstance(v, float):  # np.float64 too: its repr would be "np.float64(...)"
         return float.__repr__(v)
