@@ -85,10 +85,11 @@ def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
 
 
 def cmd_figures(a: argparse.Namespace) -> None:
-    from .figures import draw_family
+    from .figures import draw_figures
 
     spec = _spec(a.spec)
-    draw_family(a.table, a.family, a.stems, a.outdir, spec["formats"], spec["dpi"], spec["context"])
+    for path in draw_figures(a.table, a.names, a.outdir, spec["formats"], spec["dpi"], spec["context"]):
+        log.info("wrote %s", path)
 
 
 def cmd_tables(a: argparse.Namespace) -> None:
@@ -267,12 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("tables", nargs="*")
     gl.set_defaults(fn=cmd_aggregate_layerwise)
 
-    fg = sub.add_parser("figures", help="draw one figure family")
-    fg.add_argument("--family", required=True)
+    fg = sub.add_parser("figures", help="draw figures of the families that read one aggregated table")
     fg.add_argument("--table", required=True)
-    fg.add_argument("--outdir", required=True)
+    fg.add_argument("--outdir", required=True, help="the figures directory; a figure goes to <family>/<stem>")
     fg.add_argument("--spec", required=True)
-    fg.add_argument("stems", nargs="+")
+    fg.add_argument("names", nargs="+", help="<family>/<stem>, e.g. nc_vs_epoch/mnist5k__vgg11bn__st__linf32")
     fg.set_defaults(fn=cmd_figures)
 
     tb = sub.add_parser("tables", help="final-epoch accuracy tables (CSV + LaTeX) from the metrics table")

@@ -182,6 +182,22 @@ def figure_stems(config: dict[str, Any], family: str) -> list[str]:
     return [FAMILIES[family].stem.format(**w) for w in stem_wildcards(config, family)]
 
 
+def table_rule(table: str) -> str:
+    """The rule that draws every figure of the families reading the aggregated table ``table`` (one job)."""
+    return f"figures_{table}"
+
+
+def figure_rule(family: str) -> str:
+    """The rule that draws ``family``: its table's one job, or ``figure_<family>`` with a job per figure."""
+    table = FAMILIES[family].table
+    return table_rule(table) if table in TABLES else f"figure_{family}"
+
+
+def table_families(config: dict[str, Any], table: str) -> list[str]:
+    """The families of this config drawn from the aggregated table ``table`` (those with a figure)."""
+    return [f for f, fam in FAMILIES.items() if fam.table == table and figure_stems(config, f)]
+
+
 def figure_path(family: str, stem: str, ext: str) -> str:
     """The file of one figure (``stem`` may be the family's wildcard pattern)."""
     return paths.format_path(paths.FIGURE, name=f"{family}/{stem}", ext=ext)

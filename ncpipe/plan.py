@@ -94,11 +94,11 @@ def jobs(config: dict[str, Any]) -> dict[str, int]:
     }
     n["leap_table"] = len(families.leap_table_stems(config))
     for fam, f in families.FAMILIES.items():
-        stems = families.figure_stems(config, fam)
         if f.table not in families.TABLES:  # per-threat inputs (leap tables, feature dumps): a job per figure
-            n[f"figure_{fam}"] = len(stems)
-        elif families.TABLES[f.table] in produced:  # one job draws the family (workflow/rules/figures.smk)
-            n[f"figure_{fam}"] = int(bool(stems))
+            n[families.figure_rule(fam)] = len(families.figure_stems(config, fam))
+    for table, path in families.TABLES.items():  # one job draws every family of a table (rules/figures.smk)
+        if path in produced:
+            n[families.table_rule(table)] = int(bool(families.table_families(config, table)))
     n["figures"] = n["all"] = 1
     return {k: v for k, v in n.items() if v}
 

@@ -276,12 +276,71 @@ def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
     for fam, f in families.FAMILIES.items():
         if f.table == "features":  # drawn from feature dumps: tests/test_leap.py
             continue
-        (out,) = figures.draw_family(
-            files[f.table], fam, [stems[f.stem]], str(tmp_path / fam), ["png"], dpi=40
-        )
+        name = f"{fam}/{stems[f.stem]}"
+        (out,) = figures.draw_figures(files[f.table], [name], str(tmp_path), ["png"], dpi=40)
         head = Path(out).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", fam
         assert (REPORT_DIR / f"{fam}.rst").is_file(), f"no report caption for {fam}"
+
+
+def test_one_job_draws_every_family_of_a_table_and_refuses_mixed_tables(tmp_path):
+    path = tmp_path / "metrics.csv"
+    metrics_frame(epochs=(1, 4), seeds=(1,)).to_csv(path, index=False)
+    names = ["nc_vs_epoch/cifar10__vgg11bn__st__linf8", "ncc_vs_network/cifar10__vgg11bn__linf8"]
+    out = figures.draw_figures(path, names, str(tmp_path), ["png", "pdf"], dpi=40)
+    assert out == [str(tmp_path / f"{n}.{ext}") for n in names for ext in ("png", "pdf")]
+    assert all(Path(o).stat().st_size > 0 for o in out)
+    with pytest.raises(ValueError, match="read different tables"):
+        figures.draw_figures(path, [names[0], "training_curves/cifar10__vgg11bn__st"], str(tmp_path), ["png"])
+    with pytest.raises(ValueError, match="not <family>/<stem>"):
+        figures.draw_figures(path, ["cifar10__vgg11bn__st__linf8"], str(tmp_path), ["png"])
+
+
+def _legend_above_panels() -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2))
+    for ax in axes:
+        ax.plot([1, 2], [3, 4], label="a label long enough to stick out of a narrow figure on both sides")
+        ax.set_ylabel("y label")
+    handles, labels = axes[0].get_legend_handles_labels()
+    return figures.finish(fig, "a title\non two lines", handles * 3, [f"{lb} {i}" for i, lb in
+                                                                        enumerate(labels * 3)])
+
+
+def test_fit_to_content_is_the_tight_crop_done_once(tmp_path):
+    from PIL import Image
+
+    tight = _legend_above_panels()
+    tight.savefig(tmp_path / "tight.png", dpi=80, bbox_inches="tight")
+    plt.close(tight)
+    fig = _legend_above_panels()
+    fig.set_dpi(80)  # as figures.save does: measured at the dpi it is drawn at
+    assert fig.get_tightbbox().y1 > fig.get_size_inches()[1]  # legend and title stick out above the figure
+    figures.fit_to_content(fig)
+    box, size = fig.get_tightbbox(), fig.get_size_inches()
+    pad = plt.rcParams["savefig.pad_inches"]
+    # everything inside, with the pad on every side (a text's extent moves by a rounding hair)
+    assert np.allclose([box.x0, box.y0, size[0] - box.x1, size[1] - box.y1], pad, atol=0.02)
+    fig.savefig(tmp_path / "fit.png", dpi=80)
+    plt.close(fig)
+    w, h = Image.open(tmp_path / "fit.png").size
+    wt, ht = Image.open(tmp_path / "tight.png").size
+    assert abs(w - wt) <= 3 and abs(h - ht) <= 3, ((w, h), (wt, ht))
+
+
+def test_one_seed_draws_no_band_and_repeated_rows_count_once():
+    fig, ax = plt.subplots()
+    frame = pd.DataFrame({"epoch": [1, 1, 1, 2], "seed": [1, 1, 1, 1], "value": [1.0, 2.0, 3.0, 5.0]})
+    line = figures.mean_band(ax, frame, "epoch", "#123456", "one seed")
+    np.testing.assert_allclose(line.get_ydata(), [2.0, 5.0])
+    assert not ax.collections  # no s.d. of one seed
+    # seed 1 has two rows at epoch 1 (mean 2), seed 2 one (4): the mean is over seeds, 3, s.d. sqrt(2)
+    frame = pd.DataFrame({"epoch": [1, 1, 1], "seed": [1, 1, 2], "value": [1.0, 3.0, 4.0]})
+    line = figures.mean_band(ax, frame, "epoch", None, "two seeds")
+    np.testing.assert_allclose(line.get_ydata(), [3.0])
+    (band,) = ax.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert np.isclose(ys.max(), 3 + math.sqrt(2)) and np.isclose(ys.min(), 3 - math.sqrt(2))
+    plt.close(fig)
 
 
 def test_missing_rows_give_a_placeholder_not_a_crash(tmp_path):
@@ -289,7 +348,7 @@ def test_missing_rows_give_a_placeholder_not_a_crash(tmp_path):
     pd.DataFrame(columns=METRICS_COLUMNS).to_csv(path, index=False)
     for fam in ("nc_vs_epoch", "ncc_vs_network"):
         stem = families.figure_stems(load_config(ROOT / "config" / "config.yaml"), fam)[0]
-        (out,) = figures.draw_family(path, fam, [stem], str(tmp_path), ["png"], dpi=40)
+        (out,) = figures.draw_figures(path, [f"{fam}/{stem}"], str(tmp_path), ["png"], dpi=40)
         assert Path(out).stat().st_size > 0
 
 
@@ -324,11 +383,13 @@ def test_dry_run_plans_the_figures_step_without_loading_plotting_libraries(tmp_p
     # train -> features -> metrics -> figures -> all, with every figure rule's jobs under `figures`
     assert counts["train"] == 3 and counts["figures"] == 1 and counts["all"] == 1
     cfg = load_config(ROOT / "config" / "config.yaml")
-    # a family drawn from an aggregated table is one job for all its figures; the others one job per figure
+    # the families drawn from one aggregated table are one job for all their figures; the others a job each
     for fam, f in families.FAMILIES.items():
-        stems = families.figure_stems(cfg, fam)
-        assert counts.get(f"figure_{fam}", 0) == ((1 if stems else 0) if f.table in families.TABLES
-                                                 else len(stems)), fam
+        if f.table not in families.TABLES:
+            assert counts.get(families.figure_rule(fam), 0) == len(families.figure_stems(cfg, fam)), fam
+    for table in families.TABLES:
+        drawn = int(bool(families.table_families(cfg, table)))
+        assert counts.get(families.table_rule(table), 0) == drawn, table
 
 
 def test_snakemake_lint_is_clean():

@@ -119,7 +119,7 @@ def test_dry_run_of_a_grid_prints_the_job_table_not_every_job():
 def test_ncpipe_plan_json_counts_the_dry_runs_jobs():
     res = json.loads(_run(str(BIN / "ncpipe"), "plan", "--configfile", "config/paper.yaml", "--json"))
     assert res["jobs"] == job_table(dry_run("paper.yaml", "--verbose"))
-    assert res["jobs_total"] == 5003
+    assert res["jobs_total"] == 4998
     kinds = res["storage"]
     assert res["storage_bytes"] == sum(a["bytes"] for a in kinds.values())
     assert {"checkpoints", "feature dumps", "layerwise dumps", "metrics tables",

@@ -14,7 +14,7 @@ import yaml
 
 from ncpipe import grid
 from ncpipe.config import load_config, validate_config
-from ncpipe.families import TABLES
+from ncpipe.families import TABLES, figure_rule, table_families, table_rule
 from ncpipe.figures import FAMILIES, figure_targets, parse_stem
 from ncpipe.tables import table_targets
 from ncpipe.train import lr_at
@@ -144,10 +144,11 @@ def test_full_paper_grid_plans_with_no_dataset_present(tmp_path):
     assert counts["accuracy_table"] == 2
     for fam in FAMILIES:
         n = sum(1 for t in figure_targets(cfg_full) if f"/{fam}/" in t) // len(cfg_full["figures"]["formats"])
-        if FAMILIES[fam].table in TABLES:  # one job draws a family read from an aggregated table
-            n = int(n > 0)
-        if FAMILIES[fam].table != "layerwise" or f"figure_{fam}" in counts:
-            assert counts.get(f"figure_{fam}", 0) == n, fam
+        if FAMILIES[fam].table not in TABLES:  # a job per figure
+            assert counts.get(figure_rule(fam), 0) == n, fam
+    for table in TABLES:  # one job draws every family read from an aggregated table
+        if table != "layerwise" or table_rule(table) in counts:
+            assert counts.get(table_rule(table), 0) == int(bool(table_families(cfg_full, table))), table
 
 
 def test_missing_dataset_fails_before_any_job_starts(tmp_path):

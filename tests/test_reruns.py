@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ncpipe import families
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
 MINI: dict[str, Any] = {
@@ -45,7 +47,7 @@ MINI: dict[str, Any] = {
 
 # rules with one job per (run, checkpoint, threat) cell; everything else aggregates
 PER_CELL = {"features", "features_temp", "metrics"}
-FIGURES_OF_METRICS = {"figure_nc_vs_epoch", "figure_ncc_vs_network", "figure_simplex_alignment"}
+FIGURES_OF_METRICS = {families.table_rule("metrics")}
 
 
 def snakemake(root: Path, config: dict[str, Any], *args: str) -> str:
@@ -140,7 +142,7 @@ def test_adding_an_epsilon_plans_only_that_epsilons_jobs(workdir):
     per_threat = {"leap_table", "figure_leap_matrix", "figure_simplex_projection"}
     assert set(counts) - PER_CELL <= downstream | per_threat, counts
     assert counts["aggregate"] == 1
-    assert "figure_training_curves" not in counts
+    assert families.table_rule("train_logs") not in counts
 
 
 @pytest.mark.slow
@@ -155,7 +157,8 @@ def test_adding_a_seed_plans_only_that_seeds_jobs(workdir):
 def test_changing_a_figure_option_plans_only_figures(workdir):
     counts, _ = plan(workdir, with_changes(figures={"formats": ["png"], "dpi": 60}))
     assert counts, "the dpi is a param of the figure rules: they must rerun"
-    assert all(rule.startswith("figure_") or rule in ("figures", "all") for rule in counts), counts
+    figure_rules = ("figure_", "figures_")
+    assert all(rule.startswith(figure_rules) or rule in ("figures", "all") for rule in counts), counts
 
 
 @pytest.mark.slow

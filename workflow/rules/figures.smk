@@ -1,41 +1,41 @@
-# Figures, tables and the training-log table.  Every figure family is its own rule (figure_<family>).  A family
-# drawn from one aggregated table (metrics, layerwise, training logs) is ONE job that draws all its figures: each
-# of them reads that whole table, so a change of any cell reran all of them before too, and one process saves
-# the ~2 s of importing matplotlib/seaborn per figure (22 jobs -> 7 in the default run).  The families read
-# from per-threat inputs (leap tables, feature dumps) stay one job per figure.  File names carry the wildcards
-# (dataset, arch, regime, threat) so the main, l_2 and ImageNette grids never collide; the first configured
-# format goes into `snakemake --report` with a caption from workflow/report/<family>.rst.  A figure option
-# (formats, dpi, context) is a param: it reruns the figure rules only.
-# The names come from ncpipe.families (no plotting imports: parsing the workflow loads no matplotlib).
-for _family, _fam in families.FAMILIES.items():
-    if _fam.table not in families.TABLES or not families.figure_stems(config, _family):
-        continue  # per-figure rules below (leap_matrix, simplex_projection); a family the config lacks
+# Figures, tables and the training-log table.  The figure families drawn from one aggregated table (metrics,
+# layerwise, training logs) are ONE job per table, rule figures_<table>, which draws every figure of them: each
+# figure reads that whole table, so a change of any cell reran all of them before too, and one process pays
+# the ~1 s of importing matplotlib/seaborn/pandas once (18 jobs -> 3 in the default run).  The families read
+# from per-threat inputs (leap tables, feature dumps) stay one job per figure, so a new regime or threat draws
+# only its own.  File names carry the wildcards (dataset, arch, regime, threat) so the main, l_2 and
+# ImageNette grids never collide; the first configured format goes into `snakemake --report` with a caption
+# from workflow/report/<family>.rst.  A figure option (formats, dpi, context) is a param: it reruns the figure
+# rules only.  The names come from ncpipe.families (no plotting imports: parsing loads no matplotlib).
+for _table, _table_path in families.TABLES.items():
+    _fams = families.table_families(config, _table)
+    if not _fams:
+        continue  # a table the config draws nothing from
 
     rule:
         name:
-            f"figure_{_family}"
+            families.table_rule(_table)
         input:
-            table=families.family_table(_family),
+            table=_table_path,
             code=code("figures"),
         output:
-            family_figure_outputs(_family),
+            [out for f in _fams for out in family_figure_outputs(f)],
         params:
-            family=_family,
             spec=grid.figures_spec(config),
-            outdir=lambda wc, output: os.path.dirname(output[0]),
-            stems=families.figure_stems(config, _family),
+            outdir=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),  # <outdir>/<family>/<stem>
+            names=[f"{f}/{stem}" for f in _fams for stem in families.figure_stems(config, f)],
         log:
-            paths.log("figures", f"{paths.FIGURE_DIR}/{_family}"),
+            paths.log("figures", f"{paths.FIGURE_DIR}/{_table}"),
         benchmark:
-            paths.benchmark("figures", f"{paths.FIGURE_DIR}/{_family}")
+            paths.benchmark("figures", f"{paths.FIGURE_DIR}/{_table}")
         threads: 1
         resources:
             gpu=0,  # CPU only: memory, runtime and partition come from the profile
         conda:
             "../envs/ncpipe.yaml"
         shell:
-            "ncpipe figures --family {params.family} --table {input.table:q} --outdir {params.outdir:q}"
-            " --spec {params.spec:q} {params.stems:q} > {log:q} 2>&1"
+            "ncpipe figures --table {input.table:q} --outdir {params.outdir:q} --spec {params.spec:q}"
+            " {params.names:q} > {log:q} 2>&1"
 
 
 # The leap-matrix figure of one (dataset, arch, threat), from that threat's leap table.
@@ -46,10 +46,9 @@ rule figure_leap_matrix:
     output:
         figure_rule_outputs("leap_matrix"),
     params:
-        family="leap_matrix",
         spec=grid.figures_spec(config),
-        outdir=lambda wc, output: os.path.dirname(output[0]),
-        stem=lambda wc: families.FAMILIES["leap_matrix"].stem.format(**dict(wc.items())),
+        outdir=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),  # <outdir>/<family>/<stem>
+        name=lambda wc: f"leap_matrix/{families.FAMILIES['leap_matrix'].stem.format(**dict(wc.items()))}",
     log:
         paths.log("figures", f"{paths.FIGURE_DIR}/leap_matrix/{families.FAMILIES['leap_matrix'].stem}"),
     benchmark:
@@ -60,8 +59,8 @@ rule figure_leap_matrix:
     conda:
         "../envs/ncpipe.yaml"
     shell:
-        "ncpipe figures --family {params.family} --table {input.table:q} --outdir {params.outdir:q}"
-        " --spec {params.spec:q} {params.stem:q} > {log:q} 2>&1"
+        "ncpipe figures --table {input.table:q} --outdir {params.outdir:q} --spec {params.spec:q}"
+        " {params.name:q} > {log:q} 2>&1"
 
 
 rule accuracy_table:
