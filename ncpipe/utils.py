@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import random
 import re
@@ -310,8 +311,8 @@ _INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _reads_as(v: Any, parse: type) -> bool:
-    if not isinstance(v, str):  # a cell made in code: its own type decides
-        return isinstance(v, int) or parse is float and isinstance(v, float)
+    if not isinstance(v, str):  # a cell made in code: its own type decides (numpy's scalars included)
+        return isinstance(v, numbers.Integral) or parse is float and isinstance(v, numbers.Real)
     if parse is int:
         return _INT_TEXT.fullmatch(v) is not None
     try:

@@ -98,6 +98,12 @@ def test_sorted_by_orders_rows_as_pandas_stable_sort_values(tmp_path):
     assert [int(r[-1]) for r in got.rows] == ref["row"].tolist()
 
 
+def test_sorted_by_compares_cells_made_in_code_by_their_type():
+    t = Table(["n", "x"], [[np.int64(10), 0.5], [9, float("nan")], [np.int64(-1), np.float64(2.0)]])
+    assert [r[0] for r in t.sorted_by(["n"]).rows] == [-1, 9, 10]
+    assert [r[0] for r in t.sorted_by(["x"]).rows] == [10, -1, 9]  # NaN last
+
+
 def test_concat_takes_the_union_of_columns_like_pandas():
     a, b = Table(["x", "y"], [["1", "2"]]), Table(["y", "z"], [["3", "4"]])
     assert Table.concat([a, b]) == Table(["x", "y", "z"], [["1", "2", None], [None, "3", "4"]])
