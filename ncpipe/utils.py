@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 # and every bookkeeping stage import this module, and a torch import costs seconds (numpy ~0.1 s, most of an
 # aggregate job) on every job.
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
 log = logging.getLogger("ncpipe")
@@ -249,10 +250,6 @@ class Table:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def column(self, name: str) -> list[Any]:
-        i = self.columns.index(name)
-        return [r[i] for r in self.rows]
-
     @classmethod
     def concat(cls, tables: Iterable[Table]) -> Table:
         """The rows of ``tables`` in turn; columns: their union in order of first appearance (as
@@ -332,7 +329,7 @@ def _cell_text(v: Any) -> str:
     return str(v)
 
 
-def write_csv_verified(table: Any, path: str | os.PathLike, **to_csv: Any) -> None:
+def write_csv_verified(table: Table | pd.DataFrame, path: str | os.PathLike, **to_csv: Any) -> None:
     """Write a table atomically, with a digest sidecar promising its rows and columns.
 
     ``table``: a :class:`Table` (written with the csv module: no pandas import), or a pandas DataFrame
@@ -346,12 +343,10 @@ def write_csv_verified(table: Any, path: str | os.PathLike, **to_csv: Any) -> No
             w = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
             w.writerow(table.columns)
             w.writerows([_cell_text(v) for v in r] for r in table.rows)
-        columns = list(table.columns)
     else:
         with atomic_output(path) as tmp:
             table.to_csv(tmp, index=False, **to_csv)
-        columns = list(table.columns)
-    write_digest_sidecar(path, rows=int(len(table)), columns=[str(c) for c in columns])
+    write_digest_sidecar(path, rows=int(len(table)), columns=[str(c) for c in table.columns])
 
 
 def _check_promise(path: str | os.PathLike, what: str, rec: dict[str, Any] | None, rows: int,
@@ -498,7 +493,6 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed)
-
     torch.manual_seed(seed)
 
 
