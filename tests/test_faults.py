@@ -670,8 +670,10 @@ def test_a_forbidden_output_directory_simulated(tmp_path):
       "o.h5"], EXIT_USAGE, "bogus"),
     (["tables", "--table", "missing.csv", "--outdir", "t", "accuracy_final__mnist5k__linf32"], EXIT_BAD_INPUT,
      "missing.csv"),
-    (["figures", "--family", "nc_vs_epoch", "--table", "missing.csv", "--outdir", "f", "--spec",
-      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "x"], EXIT_BAD_INPUT, "missing.csv"),
+    (["figures", "--table", "missing.csv", "--outdir", "f", "--spec",
+      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "nc_vs_epoch/x"], EXIT_BAD_INPUT, "missing.csv"),
+    (["figures", "--table", "missing.csv", "--outdir", "f", "--spec",
+      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "x"], EXIT_USAGE, "<family>/<stem>"),
     (["leap-table", "--outdir", "t", "--stem", "leap_matrix__mnist5k__vgg11bn__linf32", "missing.h5"],
      EXIT_BAD_INPUT, "missing.h5"),
 ])

@@ -16,6 +16,7 @@ import pytest
 
 from ncpipe import families, figures, grid, tables
 from ncpipe.config import load_config
+from ncpipe.utils import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_tables import (  # noqa: E402
@@ -290,9 +291,9 @@ def test_one_job_draws_every_family_of_a_table_and_refuses_mixed_tables(tmp_path
     out = figures.draw_figures(path, names, str(tmp_path), ["png", "pdf"], dpi=40)
     assert out == [str(tmp_path / f"{n}.{ext}") for n in names for ext in ("png", "pdf")]
     assert all(Path(o).stat().st_size > 0 for o in out)
-    with pytest.raises(ValueError, match="read different tables"):
+    with pytest.raises(UsageError, match="read different tables"):
         figures.draw_figures(path, [names[0], "training_curves/cifar10__vgg11bn__st"], str(tmp_path), ["png"])
-    with pytest.raises(ValueError, match="not <family>/<stem>"):
+    with pytest.raises(UsageError, match="not <family>/<stem>"):
         figures.draw_figures(path, ["cifar10__vgg11bn__st__linf8"], str(tmp_path), ["png"])
 
 
