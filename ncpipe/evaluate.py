@@ -61,7 +61,7 @@ def _leap(features: np.ndarray, labels: np.ndarray, targets: np.ndarray | None,
 
 
 def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
-                  pinv_cutoff: str = "float32") -> pd.DataFrame:
+                  pinv_cutoff: str = metrics.AUTHORS_PINV_CUTOFF) -> pd.DataFrame:
     """All measures of one dump as a tidy pandas table (columns ``COLUMNS``); ``pinv_cutoff``: see metrics."""
     import pandas as pd
 
@@ -71,7 +71,8 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
     return df
 
 
-def evaluate_table(path: str | os.PathLike, regime: str | None = None, pinv_cutoff: str = "float32") -> Table:
+def evaluate_table(path: str | os.PathLike, regime: str | None = None,
+                   pinv_cutoff: str = metrics.AUTHORS_PINV_CUTOFF) -> Table:
     """:func:`evaluate_dump` as a ``utils.Table`` (what the metrics stage writes; no pandas import)."""
     with open_dump(path) as f:
         if is_layerwise(f):
