@@ -684,6 +684,11 @@ AUTOATTACK_VERSIONS: dict[str, tuple[str, ...]] = {
     "rand": ("apgd-ce", "apgd-dlr"),
 }
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# Croce & Hein's settings of the versions: plus restarts APGD-CE, APGD-DLR and FAB 5 times; rand averages the
+# APGD gradients over 20 EOT draws (randomised defences).  ncpipe.plan counts passes from the same constants.
+AUTOATTACK_PLUS_RESTARTS = 5
+AUTOATTACK_PLUS_RESTARTED = ("apgd-ce", "apgd-dlr", "fab")
+AUTOATTACK_RAND_EOT = 20
 _AA_SCHEMA = load_schema()["properties"]["attack"]["properties"]["autoattack"]["properties"]
 AUTOATTACK_DEFAULTS: dict[str, Any] = {k: _AA_SCHEMA[k]["default"]
                                        for k in ("version", "attacks", "steps", "square_queries", "seed")}
@@ -710,14 +715,20 @@ def autoattack_sequence(options: Mapping[str, Any] | None) -> tuple[str, ...]:
     return seq
 
 
+def autoattack_member_runs(name: str, version: str) -> tuple[int, int]:
+    """(restarts, EOT iterations) of one attack of an ``autoattack`` version (EOT: APGD-CE/-DLR only)."""
+    restarts = AUTOATTACK_PLUS_RESTARTS if version == "plus" and name in AUTOATTACK_PLUS_RESTARTED else 1
+    eot = AUTOATTACK_RAND_EOT if version == "rand" and name in ("apgd-ce", "apgd-dlr") else 1
+    return restarts, eot
+
+
 def _autoattack_member(name: str, model: nn.Module, norm: str, epsilon: float, num_classes: int,
                        o: Mapping[str, Any], version: str) -> Any:
     import torchattacks  # a heavy import, needed only by this kind
 
     ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
-    plus = version == "plus" and name in ("apgd-ce", "apgd-dlr", "fab")
-    common = {"norm": ta_norm, "eps": epsilon, "seed": int(o["seed"]), "n_restarts": 5 if plus else 1}
-    eot = 20 if version == "rand" else 1
+    restarts, eot = autoattack_member_runs(name, version)
+    common = {"norm": ta_norm, "eps": epsilon, "seed": int(o["seed"]), "n_restarts": restarts}
     if name in ("apgd-ce", "apgd-dlr"):
         return torchattacks.APGD(model, steps=int(o["steps"]), loss=name.split("-")[1], eot_iter=eot,
                                  **common)

@@ -55,17 +55,17 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 
 def cmd_metrics(a: argparse.Namespace) -> None:
-    from .evaluate import evaluate_dump
+    from .evaluate import evaluate_table
 
-    write_csv_verified(evaluate_dump(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
+    write_csv_verified(evaluate_table(a.dump, regime=a.regime, pinv_cutoff=a.pinv_cutoff), a.out)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> None:
-    from .evaluate import aggregate
+    from .tidy import aggregate_metrics
 
-    df = aggregate(a.tables)
-    write_csv_verified(df, a.out)
-    log.info("%d rows from %d tables -> %s", len(df), len(a.tables), a.out)
+    table = aggregate_metrics(a.tables)
+    write_csv_verified(table, a.out)
+    log.info("%d rows from %d tables -> %s", len(table), len(a.tables), a.out)
 
 
 def cmd_layerwise(a: argparse.Namespace) -> None:
@@ -77,11 +77,11 @@ def cmd_layerwise(a: argparse.Namespace) -> None:
 
 
 def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
-    from .tables import aggregate_layerwise
+    from .tidy import aggregate_layerwise
 
-    df = aggregate_layerwise(a.tables)
-    write_csv_verified(df, a.out)
-    log.info("%d rows from %d layerwise tables -> %s", len(df), len(a.tables), a.out)
+    table = aggregate_layerwise(a.tables)
+    write_csv_verified(table, a.out)
+    log.info("%d rows from %d layerwise tables -> %s", len(table), len(a.tables), a.out)
 
 
 def cmd_figures(a: argparse.Namespace) -> None:
@@ -115,11 +115,11 @@ def cmd_simplex_figure(a: argparse.Namespace) -> None:
 
 
 def cmd_train_logs(a: argparse.Namespace) -> None:
-    from .tables import aggregate_train_logs
+    from .tidy import aggregate_train_logs
 
-    df = aggregate_train_logs(a.logs)
-    write_csv_verified(df, a.out)
-    log.info("%d rows from %d training logs -> %s", len(df), len(a.logs), a.out)
+    table = aggregate_train_logs(a.logs)
+    write_csv_verified(table, a.out)
+    log.info("%d rows from %d training logs -> %s", len(table), len(a.logs), a.out)
 
 
 def cmd_summary(a: argparse.Namespace) -> None:

@@ -1,23 +1,28 @@
 """The metrics stage: one HDF5 dump in, one tidy long table out.
 
-Every number comes from ``ncpipe.metrics``.
+Every number comes from ``ncpipe.metrics``.  The stage builds its table without pandas (``utils.Table``,
+written by ``utils.write_csv_verified``): importing pandas was a third of each metrics job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from . import leap, metrics
 from .io import SPLITS, NotSupportedError, attrs_dict, is_layerwise, open_dump
-from .utils import UsageError, read_csv_verified
+from .utils import Table, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 log = logging.getLogger("ncpipe.evaluate")
 
+# The metrics table (``paths.METRICS``; concatenated into ``paths.ALL_METRICS`` by ``ncpipe.tidy``, whose
+# METRICS_KEYS are the ID columns, grouping and metric)
 ID_COLUMNS = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation"]
 COLUMNS = [*ID_COLUMNS, "grouping", "metric", "value", "regime"]
 
@@ -56,8 +61,19 @@ def _leap(features: np.ndarray, labels: np.ndarray, targets: np.ndarray | None,
 
 
 def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
-                  pinv_cutoff: str = "float32") -> pd.DataFrame:
-    """All measures of one dump as a tidy table (columns ``COLUMNS``); ``pinv_cutoff``: see metrics."""
+                  pinv_cutoff: str = metrics.AUTHORS_PINV_CUTOFF) -> pd.DataFrame:
+    """All measures of one dump as a tidy pandas table (columns ``COLUMNS``); ``pinv_cutoff``: see metrics."""
+    import pandas as pd
+
+    table = evaluate_table(path, regime, pinv_cutoff)
+    df = pd.DataFrame(table.rows, columns=table.columns)
+    df["value"] = df["value"].astype(float)
+    return df
+
+
+def evaluate_table(path: str | os.PathLike, regime: str | None = None,
+                   pinv_cutoff: str = metrics.AUTHORS_PINV_CUTOFF) -> Table:
+    """:func:`evaluate_dump` as a ``utils.Table`` (what the metrics stage writes; no pandas import)."""
     with open_dump(path) as f:
         if is_layerwise(f):
             raise NotSupportedError(f"{path} is a layerwise file; its metrics come from the layerwise stage "
@@ -100,13 +116,4 @@ def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
             rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
             if kind != "clean":
                 rows += _rows(ident, split, kind, "true", _leap(h, y, d.get("targets"), train_clean_means))
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df["value"] = df["value"].astype(float)
-    return df
-
-
-def aggregate(tables: list[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate per-cell metrics tables, each checked against its digest (``utils.read_csv_verified``)."""
-    frames = [read_csv_verified(t, "metrics table") for t in tables]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    return df.sort_values([*ID_COLUMNS, "grouping", "metric"], kind="stable").reset_index(drop=True)
+    return Table(list(COLUMNS), [[r.get(c) for c in COLUMNS] for r in rows])

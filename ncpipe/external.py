@@ -138,12 +138,17 @@ class InputShape:
     stem: str
 
 
-def build_external(spec: ExternalSpec, ds: InputShape, key: str = "external") -> NCModel:
-    """The entry's model in eval mode on the CPU; raise ExternalModelError naming the failing key."""
+def build_external(spec: ExternalSpec, ds: InputShape, key: str = "external", *,
+                   weights: bool = True) -> NCModel:
+    """The entry's model in eval mode on the CPU; raise ExternalModelError naming the failing key.
+
+    ``weights=False``: the architecture with its initial weights, the state dict not read (``ncpipe plan``
+    sizes the outputs before the file exists); a whole pickled model (format ``model``) is read either way.
+    """
     if len(spec.mean) != ds.channels or len(spec.std) != ds.channels:
         raise _fail(f"{key}.mean", f"{spec.dataset} has {ds.channels} channel(s); mean and std need one "
                     f"value each, got {len(spec.mean)} and {len(spec.std)}")
-    obj = _read(spec, key)
+    obj = _read(spec, key) if weights or spec.format == "model" else None
     model: NCModel
     if spec.format == "model":
         if not isinstance(obj, nn.Module):
@@ -151,7 +156,7 @@ def build_external(spec: ExternalSpec, ds: InputShape, key: str = "external") ->
                         f"found a {type(obj).__name__}; a state dict needs format: state_dict")
         inner: nn.Module | None = obj
     else:
-        state = _state_dict(obj, spec, key)
+        state = _state_dict(obj, spec, key) if weights else None
         if spec.arch is not None:
             if spec.arch not in ARCHS:
                 raise _fail(f"{key}.arch", f"{spec.arch!r} is unknown; allowed values: {sorted(ARCHS)}")
@@ -162,7 +167,8 @@ def build_external(spec: ExternalSpec, ds: InputShape, key: str = "external") ->
             inner = _factory(spec, key)
             where = f"{key}.factory"
         try:
-            inner.load_state_dict(state, strict=True)
+            if state is not None:
+                inner.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise _fail(where, f"the state dict in {spec.checkpoint} does not load into this model: "
                         f"{str(err)[:600]}") from None

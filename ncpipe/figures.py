@@ -52,7 +52,7 @@ from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
 from .grid import NORM_LABELS, method_of, regime_label  # noqa: E402
 from .io import KIND_ORDER  # noqa: E402
-from .utils import atomic_output, read_csv_verified  # noqa: E402
+from .utils import UsageError, atomic_output, read_csv_verified  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
 
@@ -809,11 +809,11 @@ def draw_figures(
     for name in names:
         family, _, stem = name.partition("/")
         if family not in FAMILIES or not stem:
-            raise ValueError(f"{name!r} is not <family>/<stem> (families: {', '.join(FAMILIES)})")
+            raise UsageError(f"{name!r} is not <family>/<stem> (families: {', '.join(FAMILIES)})")
         by_family.setdefault(family, []).append(stem)
     kinds = {FAMILIES[f].table for f in by_family}
     if len(kinds) != 1:
-        raise ValueError(f"the figures {names} read different tables ({', '.join(sorted(kinds))})")
+        raise UsageError(f"the figures {names} read different tables ({', '.join(sorted(kinds))})")
     sns.set_theme(context=context, style="whitegrid")
     tables = {kinds.pop(): read_table(table)}
     out = []

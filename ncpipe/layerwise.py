@@ -36,7 +36,7 @@ from torch import nn
 from .data import to_float
 from .grid import regime_id
 from .io import create_dump, set_attrs, write_array, write_matrix
-from .metrics import ClassStats, NCCAccuracy
+from .metrics import AUTHORS_PINV_CUTOFF, ClassStats, NCCAccuracy
 from .progress import Meter, log_header
 from .runtime import autocast
 from .session import open_evaluation
@@ -112,7 +112,7 @@ def analyse_layers(
     pool: int = 0,
     device: torch.device | str = "cpu",
     amp: torch.dtype | None = None,
-    pinv_cutoff: str = "float32",
+    pinv_cutoff: str = AUTHORS_PINV_CUTOFF,
     label: str = "layerwise",
 ) -> dict[str, Any]:
     """Stream ``xs`` (uint8 or float in [0, 1]) and ``attack(x, y)`` of it through ``net``; stats per probe.

@@ -186,13 +186,15 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-# The machine epsilon of each ``pinv_cutoff``: "float32" is the authors' (their Sigma_B is float32).
+# The machine epsilon of each ``pinv_cutoff``: "float32" is the authors' (their Sigma_B is float32), the
+# schema's default for ``metrics.pinv_cutoff`` and every library call's default (a test checks both).
 PINV_CUTOFFS: dict[str, float] = {"float32": float(np.finfo(np.float32).eps),
                                   "float64": float(np.finfo(np.float64).eps)}
+AUTHORS_PINV_CUTOFF = "float32"
 
 
 def pinv_keep(singular_values: np.ndarray | torch.Tensor, dim: int,
-              cutoff: str = "float32") -> np.ndarray | torch.Tensor:
+              cutoff: str = AUTHORS_PINV_CUTOFF) -> np.ndarray | torch.Tensor:
     """Mask of the singular values ``s`` of Mt whose eigenvalue ``s^2/C`` of Sigma_B (D x D) pinv keeps.
 
     ``scipy.linalg.pinv`` discards singular values ``<= atol + rtol * max`` with ``atol = 0`` and
@@ -338,7 +340,7 @@ class ClassStats:
     docstring ("float32", the authors', or "float64").
     """
 
-    def __init__(self, num_classes: int, pinv_cutoff: str = "float32") -> None:
+    def __init__(self, num_classes: int, pinv_cutoff: str = AUTHORS_PINV_CUTOFF) -> None:
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1")
         pinv_keep(np.ones(1), 1, pinv_cutoff)  # a bad name fails here, not after pass 1
@@ -533,7 +535,7 @@ class ClassStats:
 
     @classmethod
     def from_batches(cls, batches: Callable[[], Iterable[tuple[ArrayLike, ArrayLike]]],
-                     num_classes: int, pinv_cutoff: str = "float32") -> ClassStats:
+                     num_classes: int, pinv_cutoff: str = AUTHORS_PINV_CUTOFF) -> ClassStats:
         """Both passes over ``batches()`` (called twice; it must yield the same samples each time)."""
         stats = cls(num_classes, pinv_cutoff)
         for x, y in batches():
@@ -547,7 +549,7 @@ class ClassStats:
 # -------------------------------------------------------------------------------------------- neural collapse
 def neural_collapse(features: ArrayLike, labels: ArrayLike, weight: ArrayLike | None = None,
                     bias: ArrayLike | None = None, num_classes: int | None = None,
-                    pinv_cutoff: str = "float32") -> dict[str, float]:
+                    pinv_cutoff: str = AUTHORS_PINV_CUTOFF) -> dict[str, float]:
     """NC1-NC4 of one feature set (paper.md 2.2-2.5), float64; ``pinv_cutoff`` as in the module docstring.
 
     Returns ``nc1``, ``nc1_over_c``, ``nc2_equinorm_means``, ``nc2_equiangular_means``, ``ncc_accuracy``

@@ -3,7 +3,9 @@
 ``ncpipe plan --configfile FILE [--json]``.  The job counts come from the same grid functions the rules expand
 (``ncpipe.grid``, ``ncpipe.families``), so they equal Snakemake's dry run of an empty results directory
 (tests/test_grid_plans.py checks it for every shipped config).  Passes are counted in *image passes*: one
-forward (or backward) pass of one image through the network.  Storage is computed from the models' exact
+forward (or backward) pass of one image through the network; AutoAttack's are an upper bound (every point
+attacked by every one of its attacks for every iteration, where it attacks only the points still robust).
+Storage is computed from the models' exact
 tensor sizes (built on the CPU, one dummy forward pass for the probe shapes) and the configured dtype; HDF5
 compression is not counted, so feature sizes are upper bounds (gzip saves little on float features).
 
@@ -46,13 +48,32 @@ class ModelShape:
 
 def model_shape(arch: str, dataset: str, width: float, pool: int = 0) -> ModelShape:
     """Sizes of one model, measured on a CPU instance and one dummy image."""
-    import torch
-
     from .models import build_model
 
     ds = DATASETS[dataset]
     model = build_model(arch, num_classes=ds.classes, in_channels=ds.channels, mean=(0.5,) * ds.channels,
                         std=(0.5,) * ds.channels, width=width, stem=ds.stem).eval()
+    return _measure(model, dataset, pool)
+
+
+def external_shape(config: dict[str, Any], run: grid.Run) -> ModelShape:
+    """Sizes of an external run's model (config ``external``): its architecture, no weights needed, so the
+    plan works before the checkpoint file exists (a whole pickled model, format ``model``, is read)."""
+    from .external import InputShape, build_external
+    from .specs import ExternalSpec
+
+    entry = grid.external_entry(config, run.regime)
+    key = f"external[{grid.external_entries(config).index(entry)}]"
+    ds = DATASETS[run.dataset]
+    model = build_external(ExternalSpec.from_dict(entry, key), InputShape(ds.classes, ds.channels, ds.pixels,
+                                                                          ds.stem), key, weights=False)
+    return _measure(model, run.dataset, int(config["layerwise"].get("pool", 0)))
+
+
+def _measure(model: Any, dataset: str, pool: int) -> ModelShape:
+    import torch
+
+    ds = DATASETS[dataset]
     ckpt = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     dims: dict[str, int] = {}
 
@@ -116,14 +137,60 @@ def _train_passes_per_image(config: dict[str, Any], method: str) -> tuple[int, i
     return steps + 3, steps + 2
 
 
-def _attack_passes(config: dict[str, Any], norm: str, kind: str) -> tuple[int, int]:
+def autoattack_passes(options: dict[str, Any] | None, num_classes: int) -> tuple[int, int]:
+    """(forward, backward) passes per image of ``attacks.autoattack``: an upper bound, exact for a point that
+    stays robust through every attack (each attack sees only the points that all earlier ones left robust,
+    and torchattacks' attacks drop a point once fooled).  Counted on torchattacks 3.5.1's code.
+
+    ``options``: config ``attack.autoattack`` (version, attacks, steps, square_queries).
+    """
+    from . import attacks
+
+    o = {**attacks.AUTOATTACK_DEFAULTS, **(options or {})}
+    steps, queries = int(o["steps"]), int(o["square_queries"])
+    targets = num_classes - 1  # APGD-T and FAB-T target every class but the true one (n_classes - 1)
+    fwd, bwd = 1, 0  # the clean forward that selects the points to attack
+    for name in attacks.autoattack_sequence(o):
+        restarts, eot = attacks.autoattack_member_runs(name, str(o["version"]))
+        if name in ("apgd-ce", "apgd-dlr"):  # the start's gradient and one per iteration, each over EOT draws
+            f = b = restarts * eot * (steps + 1)
+        elif name == "apgd-t":  # per target and restart: a clean forward choosing the target, then as APGD
+            b = targets * restarts * (steps + 1)
+            f = targets * restarts + b
+        elif name == "fab-t":  # per target and restart: 2 clean forwards, per iteration a gradient and a
+            f, b = targets * restarts * (3 + 2 * steps), targets * restarts * steps  # check, the final check
+        elif name == "fab":  # untargeted: one backward per class and iteration
+            f, b = restarts * (2 + 2 * steps), restarts * num_classes * steps
+        else:  # square: the initial square's query, one per query, the final check; no gradients
+            f, b = restarts * (queries + 2), 0
+        fwd += 1 + f + 1  # + the attack's own clean accuracy pass, + ncpipe's check of its candidates
+        bwd += b
+    return fwd, bwd
+
+
+def _attack_passes(config: dict[str, Any], norm: str, kind: str, num_classes: int) -> tuple[int, int]:
     """(forward, backward) passes per image of one perturbation kind in a features job."""
     if kind == "train_adv":
         return 0, 0  # recorded by training; the features job copies them
     if kind in ("pgd", "targeted"):  # each step, the restarts' selection (if several), the features
         t, r = config["attack"]["threats"][norm], int(config["attack"]["restarts"])
         return r * int(t["steps"]) + (r if r > 1 else 0) + 1, r * int(t["steps"])
+    if kind == "autoattack":  # the attack (an upper bound), the features
+        f, b = autoattack_passes(config["attack"].get("autoattack"), num_classes)
+        return f + 1, b
     return 1, 0  # clean, noise: the features pass
+
+
+def _kind_images(config: dict[str, Any], cell: grid.Cell, split: str, kind: str) -> int:
+    """Images of ``split`` that ``kind`` perturbs in the cell's features job (0: the kind skips it)."""
+    n = split_sizes(config, cell.run.dataset)[split]
+    if kind != "autoattack":
+        return n
+    spec = grid.features_spec_of(config, cell.wildcards())  # the job's own spec: epochs and splits attacked
+    aa = spec.autoattack
+    if kind not in spec.kinds or aa is None or split not in aa.splits:
+        return 0
+    return n if aa.per_class <= 0 else min(n, aa.per_class * DATASETS[cell.run.dataset].classes)
 
 
 def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -138,12 +205,13 @@ def passes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
         if run.method != "st" and config["train"]["record_adversarial"]:
             out["train"]["forward"] += ckpts * n["train"]  # features of the recorded adversarial examples
     for cell in grid.cells(config):
-        n = split_sizes(config, cell.run.dataset)
+        classes = DATASETS[cell.run.dataset].classes
         for split in config["attack"]["splits"]:
             for kind in config["attack"]["kinds"]:
-                f, b = _attack_passes(config, cell.norm, kind)
-                out["features"]["forward"] += f * n[split]
-                out["features"]["backward"] += b * n[split]
+                f, b = _attack_passes(config, cell.norm, kind, classes)
+                images = _kind_images(config, cell, split, kind)
+                out["features"]["forward"] += f * images
+                out["features"]["backward"] += b * images
     if config["layerwise"]["enabled"]:
         for cell in grid.layerwise_cells(config):
             n = split_sizes(config, cell.run.dataset)["train"]
@@ -202,11 +270,16 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
     fbytes = _DTYPE_BYTES[fdtype]
     lw = config["layerwise"]
     shapes: dict[tuple[str, str], ModelShape] = {}
-    # external models' sizes are not known before their files are read: the storage forecast leaves them out
     for run in grid.trained_runs(config):
         if (run.arch, run.dataset) not in shapes:
             shapes[(run.arch, run.dataset)] = model_shape(run.arch, run.dataset, config["model"]["width"],
                                                           int(lw.get("pool", 0)))
+    # an external model (no checkpoint of ncpipe's: no checkpoint rows) is sized from its own entry
+    for run in grid.external_runs(config):
+        shapes[(run.regime, run.dataset)] = external_shape(config, run)
+
+    def shape(run: grid.Run) -> ModelShape:
+        return shapes[(run.regime if grid.is_external(run.regime) else run.arch, run.dataset)]
     epochs = sorted(config["train"]["checkpoints"])
     record = bool(config["train"]["record_adversarial"])
     rdtype = config["train"]["record_dtype"]
@@ -225,24 +298,29 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
         add("checkpoints", epochs, sh.checkpoint_bytes)
         if run.method != "st" and record:
             add(RECORDED, epochs, n["train"] * (sh.feature_dim * _DTYPE_BYTES[rdtype] + _INT64))
-    for cell in grid.cells(config, external=False):
+    for cell in grid.cells(config):
         run = cell.run
-        sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
-        size = 0.0
+        sh, n = shape(run), split_sizes(config, run.dataset)
+        size, groups = 0.0, 0
         for split in config["attack"]["splits"]:
             for kind in config["attack"]["kinds"]:
                 if kind == "train_adv" and not (split == "train" and run.method != "st" and record
+                                                and not grid.is_external(run.regime)
                                                 and (cell.norm, cell.eps) == _train_threat(config)):
                     continue  # written only where the evaluation threat is the training one
-                targets = _INT64 if kind == "targeted" else 0
-                size += n[split] * (sh.feature_dim * fbytes + 2 * _INT64 + targets)  # + labels, predictions
+                rows = _kind_images(config, cell, split, kind)
+                if rows == 0:
+                    continue  # autoattack: not this split or epoch
+                # + labels, predictions; targeted: targets (of the whole split); a subset: its indices
+                extra = n[split] * _INT64 if kind == "targeted" else (_INT64 * rows if rows < n[split] else 0)
+                size += rows * (sh.feature_dim * fbytes + 2 * _INT64) + extra
+                groups += 1
         add("feature dumps", [cell.epoch], size)
-        groups = len(config["attack"]["splits"]) * len(config["attack"]["kinds"])
         add("metrics tables", [cell.epoch], groups * _METRIC_ROWS_PER_GROUP * _CSV_ROW_BYTES)
     if lw["enabled"]:
-        for cell in grid.cells(config, final_only=True, external=False):
+        for cell in grid.layerwise_cells(config):
             run = cell.run
-            sh, n = shapes[(run.arch, run.dataset)], split_sizes(config, run.dataset)
+            sh, n = shape(run), split_sizes(config, run.dataset)
             per_class = int(lw["per_class"])
             classes = DATASETS[run.dataset].classes
             samples = n["train"] if per_class == 0 else min(n["train"], per_class * classes)
@@ -258,6 +336,19 @@ def storage(config: dict[str, Any]) -> list[Artifact]:
 
 
 # --------------------------------------------------------------------------------------------------- plan
+def passes_notes(config: dict[str, Any]) -> list[str]:
+    """What the pass counts are, where not simply exact (printed under the passes table)."""
+    if "autoattack" not in config["attack"]["kinds"]:
+        return []
+    from . import attacks
+
+    o = {**attacks.AUTOATTACK_DEFAULTS, **(config["attack"].get("autoattack") or {})}
+    seq = ", ".join(attacks.autoattack_sequence(o))
+    return [f"features: an upper bound; AutoAttack ({o['version']}: {seq}; {o['steps']} iterations, "
+            f"{o['square_queries']} Square queries) counted as if every point were "
+            "attacked by every attack for every iteration, where it attacks only the points still robust"]
+
+
 def plan(config: dict[str, Any]) -> dict[str, Any]:
     """The whole forecast of a validated config, JSON-ready."""
     arts = storage(config)
@@ -266,6 +357,7 @@ def plan(config: dict[str, Any]) -> dict[str, Any]:
         "jobs": jb,
         "jobs_total": sum(jb.values()),
         "passes": passes(config),
+        "passes_notes": passes_notes(config),
         "storage": {a.kind: {**asdict(a), "bytes": a.bytes} for a in arts},
         "storage_bytes": sum(a.bytes for a in arts),
     }
@@ -282,8 +374,9 @@ def format_plan(p: dict[str, Any], title: str = "") -> str:
               f"{'backward':>16}"]
     for stage, v in p["passes"].items():
         lines.append(f"{stage:<10}  {v['forward']:>16,}  {v['backward']:>16,}")
+    lines += [f"({note})" for note in p.get("passes_notes", [])]
     lines.append("")
-    w = max(len(k) for k in p["storage"])
+    w = max((len(k) for k in p["storage"]), default=len("storage"))
     lines.append(f"{'storage':<{w}}  {'files':>7}  {'kept':>7}  {'MB/file':>9}  {'GB kept':>9}  "
                  "dtype, retention")
     for kind, a in p["storage"].items():

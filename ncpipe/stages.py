@@ -23,7 +23,8 @@ STAGE_MODULES: dict[str, list[str]] = {
     "layerwise": ["__init__", "config", "specs", "data", "models", "attacks", "runtime", "checkpoint",
                   "session", "io", "utils", "metrics", "layerwise", "grid", "paths", "progress", "external"],
     "figures": ["config", "figures", "families", "io", "paths", "grid", "specs", "utils", "leap"],
-    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io"],
+    "tables": ["tables", "families", "paths", "grid", "specs", "config", "utils", "leap", "metrics", "io",
+               "tidy"],
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -132,17 +132,41 @@ ACCURACY_COLUMNS = [  # (header, metric, split, perturbation)
     ("NCC, test, clean", "ncc_train_means_accuracy", "test", "clean"),
     ("NCC, test, PGD", "ncc_train_means_accuracy", "test", "pgd"),
 ]
+# Beside the PGD column of the same classifier and split, where metrics.csv has autoattack rows for it (the
+# accuracy table's "train/test AutoAttack" and "NCC test AutoAttack", ncpipe.tables); a run without them keeps
+# exactly the columns above.
+AUTOATTACK_COLUMNS = {  # PGD header -> (header, metric, split, perturbation)
+    "network, train, PGD (robust)": ("network, train, AutoAttack (robust)", "accuracy", "train",
+                                     "autoattack"),
+    "network, test, PGD (robust)": ("network, test, AutoAttack (robust)", "accuracy", "test", "autoattack"),
+    "NCC, train, PGD": ("NCC, train, AutoAttack", "ncc_train_means_accuracy", "train", "autoattack"),
+    "NCC, test, PGD": ("NCC, test, AutoAttack", "ncc_train_means_accuracy", "test", "autoattack"),
+}
+
+
+def _accuracy_columns(cell: _Cell) -> list[tuple[str, str, str, str]]:
+    present = {(k[2], k[3], k[5]) for k in cell.values if k[3] == "autoattack" and k[4] == "true"}
+    cols = []
+    for col in ACCURACY_COLUMNS:
+        cols.append(col)
+        aa = AUTOATTACK_COLUMNS.get(col[0])
+        if aa is not None and (aa[2], aa[3], aa[1]) in present:
+            cols.append(aa)
+    return cols
 
 
 def _accuracy_table(cell: _Cell) -> list[str]:
-    header = ["regime", "epoch", *(c[0] for c in ACCURACY_COLUMNS)]
+    columns = _accuracy_columns(cell)
+    header = ["regime", "epoch", *(c[0] for c in columns)]
     rows = [[f"`{r}`", str(cell.last[r]),
-             *(pct(cell.get(r, cell.last[r], s, k, m)) for _, m, s, k in ACCURACY_COLUMNS)]
+             *(pct(cell.get(r, cell.last[r], s, k, m)) for _, m, s, k in columns)]
             for r in cell.regimes]
+    aa = ("; *AutoAttack*: robust accuracy under AutoAttack (the `autoattack` kind, on the samples it "
+          "attacks)" if len(columns) > len(ACCURACY_COLUMNS) else "")
     return [f"#### {TITLES['accuracy']}", "",
             "Accuracy in %. *network*: argmax of the network's logits (`accuracy`); *NCC*: nearest "
             "clean class mean of the training split at the same checkpoint (`ncc_train_means_accuracy`); "
-            "*PGD*: the evaluation attack on that checkpoint; labels are the true ones:", "",
+            f"*PGD*: the evaluation attack on that checkpoint{aa}; labels are the true ones:", "",
             *_table(header, rows)]
 
 
@@ -321,8 +345,8 @@ def structure(markdown: str) -> list[str]:
     """The shape of a summary: its level-4 titles and each table's fixed header cells (no numbers).
 
     The README's pasted block and a fresh ``summarize`` of any run must agree on this. Left out: the cells
-    that depend on the run (epochs, layer names) and the leap-share columns, present only when ``metrics.csv``
-    has them.
+    that depend on the run (epochs, layer names) and the leap-share and AutoAttack columns, present only when
+    ``metrics.csv`` has them.
     """
     shape = []
     for line in markdown.splitlines():
@@ -330,7 +354,8 @@ def structure(markdown: str) -> list[str]:
             shape.append(line)
         elif line.startswith("| regime"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            shape.append(" | ".join(c for c in cells if not c.startswith(("epoch ", "`", LEAP_HEADER))))
+            shape.append(" | ".join(c for c in cells if not c.startswith(("epoch ", "`", LEAP_HEADER))
+                                    and "AutoAttack" not in c))
     return shape
 
 

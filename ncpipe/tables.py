@@ -1,4 +1,6 @@
-"""Tables: the final-epoch accuracy table (CSV + LaTeX); the aggregated training logs and layerwise tables.
+"""Tables: the final-epoch accuracy table and the leap table (CSV + LaTeX + HTML).
+
+The aggregated metrics, layerwise tables and training logs are ``ncpipe.tidy``'s (no pandas there).
 
 The accuracy table (paper.md T1 and the numbers behind F7) has one row per (architecture, training method)
 of a dataset and evaluation threat: clean and PGD accuracy of the network on train and test data and of the
@@ -10,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import leap, metrics, paths
+from . import leap, metrics
 from .families import LEAP_KINDS, parse_leap_stem, parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
 from .grid import METHOD_LABELS, method_of, regime_id
@@ -250,61 +251,3 @@ def write_leap_tables(dumps: list[str | os.PathLike], stem: str, outdir: str | o
                           to_html(wide, f"{sel['dataset']} / {sel['arch']}: leap matrix (share of each true "
                                         f"class landing nearest each clean train class mean), final epoch, "
                                         f"train data, {sel['norm']} ε = {sel['eps']}/255"))
-
-
-# ------------------------------------------------------------------------------------------- training logs
-RUN_COLUMNS = ["dataset", "arch", "regime", "method", "seed"]
-
-
-def _run_regex() -> re.Pattern[str]:
-    # the inverse of paths.TRAIN_LOG, so a log's run identity comes from where the workflow wrote it
-    rx = re.escape(paths.TRAIN_LOG)
-    for k in ("dataset", "arch", "regime", "seed"):
-        rx = rx.replace(re.escape("{" + k + "}"), f"(?P<{k}>{paths.WILDCARD_PATTERNS[k]})")
-    return re.compile(rf"(?:.*/)?{rx}")
-
-
-def aggregate_train_logs(logs: list[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate per-run ``train_log.csv`` files with their run identity (RUN_COLUMNS first)."""
-    rx = _run_regex()
-    frames = []
-    for p in logs:
-        m = rx.fullmatch(Path(p).as_posix())
-        if m is None:
-            raise ValueError(f"{p} is not a training log path ({paths.TRAIN_LOG})")
-        ident = m.groupdict()
-        df = read_csv_verified(p, "training log")
-        frames.append(
-            df.assign(
-                dataset=ident["dataset"],
-                arch=ident["arch"],
-                regime=ident["regime"],
-                method=method_of(ident["regime"]),
-                seed=int(ident["seed"]),
-            )
-        )
-    if not frames:  # the log's own columns (ncpipe.train.LOG_COLUMNS) are kept as written, in their order
-        return pd.DataFrame(columns=RUN_COLUMNS)
-    out = pd.concat(frames, ignore_index=True)
-    return (
-        out[[*RUN_COLUMNS, *[c for c in out.columns if c not in RUN_COLUMNS]]]
-        .sort_values([*RUN_COLUMNS, "epoch"], kind="stable")
-        .reset_index(drop=True)
-    )
-
-
-# Row order of ``paths.ALL_LAYERWISE``: by cell, then from the input to the output layer.
-LAYERWISE_KEYS = ["dataset", "arch", "regime", "norm", "epsilon", "seed", "epoch", "split", "perturbation",
-                  "layer_index", "metric"]
-
-
-def aggregate_layerwise(tables: list[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate per-checkpoint layerwise tables (``layerwise.COLUMNS``) into ``paths.ALL_LAYERWISE``.
-
-    It lives here, not beside the layerwise stage, so that the aggregate job needs pandas only: that stage's
-    module imports torch, which cost this job most of its time.
-    """
-    if not tables:
-        raise ValueError("no layerwise tables to aggregate")
-    df = pd.concat([read_csv_verified(t, "layerwise table") for t in tables], ignore_index=True)
-    return df.sort_values(LAYERWISE_KEYS, kind="stable").reset_index(drop=True)

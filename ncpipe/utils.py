@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import random
+import re
 import shlex
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-# torch is imported inside the functions that need it: the workflow's parse step and the figure/table stages
-# import this module, and a torch import costs seconds on every `snakemake` invocation.
+# torch (and numpy, for seeding) are imported inside the functions that need them: the workflow's parse step
+# and every bookkeeping stage import this module, and a torch import costs seconds (numpy ~0.1 s, most of an
+# aggregate job) on every job.
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
 log = logging.getLogger("ncpipe")
@@ -228,11 +232,130 @@ def read_verified_bytes(path: str | os.PathLike, what: str = "table", required: 
     return data, rec
 
 
-def write_csv_verified(df: Any, path: str | os.PathLike, **to_csv: Any) -> None:
-    """Write a pandas table atomically, with a digest sidecar promising its rows and columns."""
-    with atomic_output(path) as tmp:
-        df.to_csv(tmp, index=False, **to_csv)
-    write_digest_sidecar(path, rows=int(len(df)), columns=[str(c) for c in df.columns])
+@dataclass
+class Table:
+    """A CSV table as plain lists, for the bookkeeping jobs that need no pandas (its import alone was about
+    half of a metrics or aggregate job): ``columns``, and ``rows`` of cells in that order.
+
+    Cells are written as pandas' ``to_csv`` writes them, so either writer gives the same bytes: a float in
+    its shortest round-trip form (``repr``), NaN and None as an empty field, anything else by ``str``.  A
+    table read from a file (:func:`read_table_verified`) holds each cell's text, written back unchanged
+    (a missing value, ``NA_TEXT``, as None).  Unlike pandas it does not retype a column: an integer column
+    with a missing value keeps ``1``, where read_csv + to_csv would write ``1.0``.
+    """
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def concat(cls, tables: Iterable[Table]) -> Table:
+        """The rows of ``tables`` in turn; columns: their union in order of first appearance (as
+        ``pandas.concat``), a column a table lacks is empty in its rows."""
+        tables = list(tables)
+        columns: list[str] = []
+        for t in tables:
+            columns += [c for c in t.columns if c not in columns]
+        rows: list[list[Any]] = []
+        for t in tables:
+            if t.columns == columns:
+                rows += t.rows
+            else:
+                where = [t.columns.index(c) if c in t.columns else None for c in columns]
+                rows += [[None if i is None else r[i] for i in where] for r in t.rows]
+        return cls(columns, rows)
+
+    def sorted_by(self, keys: list[str]) -> Table:
+        """The rows in a stable order by ``keys``, the order of pandas' ``sort_values(keys, kind="stable")``
+        on the table as ``read_csv`` types it: a column whose filled cells all read as integers (or all as
+        numbers) compares as numbers, any other as text; empty cells sort last."""
+        by: list[list[Any]] = []
+        for k in keys:
+            i = self.columns.index(k)
+            cells = [r[i] for r in self.rows]
+            missing = [_missing(v) for v in cells]
+            parse = _column_parser([v for v, m in zip(cells, missing, strict=True) if not m])
+            if any(missing):  # (0, value) before (1, 0): missing last, never compared with a value
+                by.append([(1, 0) if m else (0, parse(v)) for v, m in zip(cells, missing, strict=True)])
+            else:
+                by.append([parse(v) for v in cells])
+        keyed = list(zip(*by, strict=True)) if by else [()] * len(self)
+        order = sorted(range(len(self.rows)), key=keyed.__getitem__)
+        return Table(list(self.columns), [self.rows[i] for i in order])
+
+
+# The texts pandas' read_csv takes for a missing value (its default na_values): a Table reads them as None,
+# written back as an empty field, as read_csv followed by to_csv writes them (the trainer's log says "nan").
+NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                     "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v == "" or (not isinstance(v, str) and v != v)  # v != v: NaN
+
+
+def _column_parser(filled: list[Any]) -> type:
+    """``int``, ``float`` or ``str``: the type ``read_csv`` gives a column of these (non-missing) cells."""
+    for parse in (int, float):
+        if all(_reads_as(v, parse) for v in filled):
+            return parse
+    return str
+
+
+_INT_TEXT = re.compile(r"[+-]?\d+")
+
+
+def _reads_as(v: Any, parse: type) -> bool:
+    if not isinstance(v, str):  # a cell made in code: its own type decides (numpy's scalars included)
+        return isinstance(v, numbers.Integral) or parse is float and isinstance(v, numbers.Real)
+    if parse is int:
+        return _INT_TEXT.fullmatch(v) is not None
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _cell_text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None or v != v:  # NaN
+        return ""
+    if isinstance(v, float):  # np.float64 too: its repr would be "np.float64(...)"
+        return float.__repr__(v)
+    return str(v)
+
+
+def write_csv_verified(table: Table | pd.DataFrame, path: str | os.PathLike, **to_csv: Any) -> None:
+    """Write a table atomically, with a digest sidecar promising its rows and columns.
+
+    ``table``: a :class:`Table` (written with the csv module: no pandas import), or a pandas DataFrame
+    (written by its ``to_csv(index=False, **to_csv)``).
+    """
+    if isinstance(table, Table):
+        if to_csv:
+            raise TypeError(f"write_csv_verified of a Table takes no to_csv options, got {sorted(to_csv)}")
+        with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            # what pandas' to_csv does: the csv module, minimal quoting, "\n" line ends
+            w = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+            w.writerow(table.columns)
+            w.writerows([_cell_text(v) for v in r] for r in table.rows)
+    else:
+        with atomic_output(path) as tmp:
+            table.to_csv(tmp, index=False, **to_csv)
+    write_digest_sidecar(path, rows=int(len(table)), columns=[str(c) for c in table.columns])
+
+
+def _check_promise(path: str | os.PathLike, what: str, rec: dict[str, Any] | None, rows: int,
+                   columns: list[str]) -> None:
+    if rec is not None and (rec.get("rows") is not None and rows != rec["rows"]
+                            or rec.get("columns") is not None and columns != rec["columns"]):
+        raise ArtifactError(f"{what} {path} parses to {rows} rows x {columns}, not the "
+                            f"{rec.get('rows')} rows x {rec.get('columns')} its writer recorded; "
+                            f"{regenerate_hint(path)}")
 
 
 def read_csv_verified(path: str | os.PathLike, what: str = "table", required: bool = True) -> Any:
@@ -243,12 +366,23 @@ def read_csv_verified(path: str | os.PathLike, what: str = "table", required: bo
 
     data, rec = read_verified_bytes(path, what, required)
     df = pd.read_csv(_io.BytesIO(data))
-    if rec is not None and (rec.get("rows") is not None and len(df) != rec["rows"]
-                            or rec.get("columns") is not None and list(df.columns) != rec["columns"]):
-        raise ArtifactError(f"{what} {path} parses to {len(df)} rows x {list(df.columns)}, not the "
-                            f"{rec.get('rows')} rows x {rec.get('columns')} its writer recorded; "
-                            f"{regenerate_hint(path)}")
+    _check_promise(path, what, rec, len(df), [str(c) for c in df.columns])
     return df
+
+
+def read_table_verified(path: str | os.PathLike, what: str = "table", required: bool = True) -> Table:
+    """:func:`read_csv_verified` without pandas: a :class:`Table` of the cells' text."""
+    import io as _io
+
+    data, rec = read_verified_bytes(path, what, required)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{what} {path} is not UTF-8 text ({err}); {regenerate_hint(path)}") from None
+    lines = [r for r in csv.reader(_io.StringIO(text, newline="")) if r]  # read_csv skips blank lines too
+    table = Table(lines[0] if lines else [], [[None if v in NA_TEXT else v for v in r] for r in lines[1:]])
+    _check_promise(path, what, rec, len(table), table.columns)
+    return table
 
 
 # ------------------------------------------------------------------------------------ one process per dir
@@ -354,10 +488,11 @@ def spec_hash(spec: dict[str, Any]) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
+    import numpy as np
     import torch
 
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 

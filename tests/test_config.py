@@ -173,3 +173,22 @@ def test_names_come_from_the_schema():
     assert schema_enum("methods") == ("st", "at", "trades")
     with pytest.raises(KeyError):
         schema_enum("no_such_key")
+
+
+def test_library_calls_default_to_the_schemas_pinv_cutoff():
+    # direct library calls (a notebook, not the workflow) compute NC1 as a config without the key would
+    import inspect
+
+    from ncpipe import evaluate, layerwise, metrics
+
+    pinv = load_schema()["properties"]["metrics"]["properties"]["pinv_cutoff"]
+    assert pinv["default"] == metrics.AUTHORS_PINV_CUTOFF and set(pinv["enum"]) == set(metrics.PINV_CUTOFFS)
+    defaults = {}
+    for mod in (metrics, evaluate, layerwise):
+        calls = inspect.getmembers(mod, inspect.isfunction) + [("ClassStats", metrics.ClassStats.__init__)]
+        for name, fn in calls:
+            for p in inspect.signature(fn).parameters.values():
+                if p.name in ("cutoff", "pinv_cutoff") and p.default is not inspect.Parameter.empty:
+                    defaults[f"{mod.__name__}.{name}"] = p.default
+    assert len(defaults) >= 6, defaults  # pinv_keep, ClassStats, evaluate_dump/_table, the layerwise probe...
+    assert set(defaults.values()) == {metrics.AUTHORS_PINV_CUTOFF}, defaults

@@ -36,14 +36,16 @@ from ncpipe import grid, io, paths
 from ncpipe.checkpoint import CorruptCheckpointError, load_checkpoint, payload_digest, save_atomic
 from ncpipe.cli import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_CANNOT_WRITE, EXIT_NOT_SUPPORTED, EXIT_USAGE, main
 from ncpipe.config import validate_config
-from ncpipe.evaluate import aggregate, evaluate_dump
+from ncpipe.evaluate import evaluate_dump
 from ncpipe.figures import read_table
 from ncpipe.stages import STAGE_MODULES, code_digest
+from ncpipe.tidy import aggregate_metrics
 from ncpipe.train import run_training
 from ncpipe.utils import (
     ArtifactError,
     BusyError,
     OutputError,
+    Table,
     atomic_output,
     digest_sidecar,
     read_csv_verified,
@@ -328,7 +330,7 @@ def metrics_table(tmp_path_factory, tiny_dump) -> Path:
 @pytest.mark.parametrize("how", HOW)
 def test_a_damaged_metrics_table_is_refused_by_aggregate(metrics_table, tmp_path, capsys, how):
     good = copy_table(metrics_table, tmp_path / "good" / metrics_table.name)
-    pd.testing.assert_frame_equal(aggregate([good]), aggregate([metrics_table]))
+    assert aggregate_metrics([good]) == aggregate_metrics([metrics_table])
     bad = copy_table(metrics_table, tmp_path / "bad" / metrics_table.name)
     damage(bad, how)
     out = tmp_path / "metrics.csv"
@@ -596,11 +598,17 @@ def test_a_full_disk_stops_a_dump_before_hdf5_starts(tiny_dump, tmp_path, capsys
 
 
 def test_a_write_failing_with_enospc_is_one_line_and_leaves_no_temp(tiny_dump, tmp_path, capsys, monkeypatch):
-    def full(self, path, *a, **k):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class Full:  # the csv writer of utils.write_csv_verified (a Table: the metrics stage uses no pandas)
+        def __init__(self, fh, **_):
+            self.fh = fh
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+        def writerow(self, row):
+            self.fh.write("partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        writerows = writerow
+
+    monkeypatch.setattr("ncpipe.utils.csv.writer", Full)
     out = tmp_path / "m" / "x.csv"
     code, _, err = cli(capsys, "metrics", "--dump", tiny_dump["dump"], "--out", out)
     assert code == EXIT_CANNOT_WRITE
@@ -622,6 +630,8 @@ def test_a_real_full_tmpfs(tiny_dump, tmp_path, capsys):
         big = pd.DataFrame({"x": np.arange(40_000, dtype=float) / 7})
         with pytest.raises(OutputError, match=r"no space left"):
             write_csv_verified(big, small / "big.csv")
+        with pytest.raises(OutputError, match=r"no space left"):  # and without pandas
+            write_csv_verified(Table(["x"], [[v] for v in big["x"].tolist()]), small / "big.csv")
         assert list(small.rglob("*big*")) == []
 
 
@@ -660,8 +670,10 @@ def test_a_forbidden_output_directory_simulated(tmp_path):
       "o.h5"], EXIT_USAGE, "bogus"),
     (["tables", "--table", "missing.csv", "--outdir", "t", "accuracy_final__mnist5k__linf32"], EXIT_BAD_INPUT,
      "missing.csv"),
-    (["figures", "--family", "nc_vs_epoch", "--table", "missing.csv", "--outdir", "f", "--spec",
-      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "x"], EXIT_BAD_INPUT, "missing.csv"),
+    (["figures", "--table", "missing.csv", "--outdir", "f", "--spec",
+      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "nc_vs_epoch/x"], EXIT_BAD_INPUT, "missing.csv"),
+    (["figures", "--table", "missing.csv", "--outdir", "f", "--spec",
+      '{"formats": ["png"], "dpi": 50, "context": "paper"}', "x"], EXIT_USAGE, "<family>/<stem>"),
     (["leap-table", "--outdir", "t", "--stem", "leap_matrix__mnist5k__vgg11bn__linf32", "missing.h5"],
      EXIT_BAD_INPUT, "missing.h5"),
 ])

@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 
 from ncpipe import families, grid, plan
 from ncpipe.config import load_config
@@ -171,4 +172,109 @@ def test_plan_of_a_bad_config_names_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'methods[1]'" in err and "'sgd'" in err and "['st', 'at', 'trades']" in err
     main(["plan", "--configfile", str(ROOT / "config" / "config.yaml")])
-    assert "total                               55" in capsys.readouterr().out
+    total = sum(plan.jobs(load_config(ROOT / "config" / "config.yaml")).values())
+    assert re.search(rf"^total\s+{total}$", capsys.readouterr().out, flags=re.M)
+
+
+# ------------------------------------------------------------------------------------- AutoAttack passes
+class _Robust(torch.nn.Module):
+    """Class 0 by a margin no input in [0, 1] can close: every point survives every attack and iteration."""
+
+    def __init__(self, classes: int, numel: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(numel, classes)
+        with torch.no_grad():
+            self.lin.weight.mul_(1e-3)
+            self.lin.bias.copy_(torch.tensor([10.0] + [0.0] * (classes - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+
+def _counted_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opts: dict,
+                        classes: int) -> tuple[float, float]:
+    """(forward, backward) image passes per image that ``attacks.autoattack`` really makes (module hooks)."""
+    from ncpipe import attacks
+
+    n = {"f": 0, "b": 0}
+    hf = model.register_forward_hook(lambda _m, i, _o: n.__setitem__("f", n["f"] + len(i[0])))
+    hb = model.register_full_backward_hook(lambda _m, _gi, go: n.__setitem__("b", n["b"] + len(go[0])))
+    try:
+        attacks.autoattack(model, x, y, norm="linf", epsilon=8 / 255, options=opts, num_classes=classes)
+    finally:
+        hf.remove()
+        hb.remove()
+    return n["f"] / len(x), n["b"] / len(x)
+
+
+@pytest.mark.parametrize("version,members,classes", [("standard", [], 4), ("plus", [], 4), ("rand", [], 5),
+                                                     ("custom", ["fab", "apgd-dlr"], 4)])
+def test_autoattack_passes_are_exact_for_points_that_stay_robust(version, members, classes):
+    """The plan's per-image count equals the passes torchattacks makes on a point no attack fools."""
+    opts = {"version": version, "attacks": members, "steps": 3, "square_queries": 7, "seed": 0}
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = _counted_autoattack(_Robust(classes, 16), x, torch.zeros(5, dtype=torch.long), opts, classes)
+    assert got == plan.autoattack_passes(opts, classes)
+
+
+def test_autoattack_passes_bound_a_model_that_is_fooled():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1).detach()  # every point starts robust, and the 8/255 ball fools some
+    opts = {"version": "standard", "steps": 3, "square_queries": 7}
+    f, b = _counted_autoattack(model, x, y, opts, 4)
+    bound = plan.autoattack_passes(opts, 4)
+    assert f <= bound[0] and b <= bound[1] and (f, b) != bound
+
+
+def test_autoattack_plan_exceeds_the_pgd_only_plan_by_its_passes():
+    """config/autoattack.yaml: the standard version on the 3 final checkpoints' 200 test images."""
+    c = load_config(ROOT / "config" / "autoattack.yaml")
+    pgd_only = load_config(ROOT / "config" / "autoattack.yaml")
+    pgd_only["attack"]["kinds"] = [k for k in c["attack"]["kinds"] if k != "autoattack"]
+    aa = c["attack"]["autoattack"]
+    assert (aa["version"], aa["splits"], aa["per_class"], aa["final_only"]) == ("standard", ["test"], 0, True)
+    s, q, t = aa["steps"], aa["square_queries"], 10 - 1  # 100 iterations, 5000 queries, 9 target classes
+    # each attack: its own clean pass + its passes + ncpipe's check of its candidates; APGD-CE: the start's
+    # gradient and one per iteration; APGD-T, per target: a clean pass choosing it, then as APGD; FAB-T, per
+    # target: 2 clean passes, a gradient and a check per iteration, a final check; Square: a query each + 2
+    members_f = [1 + (s + 1) + 1, 1 + t * (1 + s + 1) + 1, 1 + t * (3 + 2 * s) + 1, 1 + (q + 2) + 1]
+    members_b = [s + 1, t * (s + 1), t * s, 0]
+    per_image = (1 + sum(members_f) + 1, sum(members_b))  # + the clean selection pass, + the features pass
+    assert per_image == (7858, 1910)
+    images = 3 * 200  # ST, AT, TRADES at epoch 20, the test split only
+    got, base = plan.passes(c)["features"], plan.passes(pgd_only)["features"]
+    assert got["forward"] - base["forward"] == images * per_image[0]
+    assert got["backward"] - base["backward"] == images * per_image[1]
+    p = plan.plan(c)
+    assert p["passes"]["train"] == plan.passes(pgd_only)["train"]
+    assert len(p["passes_notes"]) == 1 and "upper bound" in p["passes_notes"][0]
+    assert "upper bound" in plan.format_plan(p).split("storage")[0]
+    assert plan.plan(load_config(ROOT / "config" / "config.yaml"))["passes_notes"] == []
+    # its dumps: the autoattack group of the final epochs' test split only, beside the PGD-only plan's
+    dumps = {a.kind: a for a in plan.storage(c)}["feature dumps"]
+    base_dumps = {a.kind: a for a in plan.storage(pgd_only)}["feature dumps"]
+    dim = plan.model_shape("vgg11bn", "mnist5k", c["model"]["width"]).feature_dim
+    assert dumps.bytes - base_dumps.bytes == images * (dim * 4 + 2 * 8)
+
+
+def test_external_cells_count_their_dumps_in_storage():
+    """config/external_example.yaml: no checkpoint of ncpipe's; its one cell's dumps and metrics table."""
+    c = load_config(ROOT / "config" / "external_example.yaml")
+    kinds = {a.kind: a for a in plan.storage(c)}
+    assert set(kinds) == {"feature dumps", "metrics tables", "layerwise dumps"}
+    n = plan.split_sizes(c, "mnist5k")
+    assert n == {"train": 100, "test": 100}
+    # TinyNet's classifier reads a 32-d feature; 5 kinds x 2 splits, labels and predictions; targeted: targets
+    assert kinds["feature dumps"].files == 1
+    assert kinds["feature dumps"].bytes == 5 * 200 * (32 * 4 + 2 * 8) + 200 * 8
+    assert kinds["metrics tables"].bytes == 10 * plan._METRIC_ROWS_PER_GROUP * plan._CSV_ROW_BYTES
+    # layerwise: clean and PGD train features at conv1 (8 x 28 x 28), conv2 (16 x 14 x 14), fc (32)
+    pool = int(c["layerwise"].get("pool", 0))
+    assert pool == 0
+    dims = [8 * 28 * 28, 16 * 14 * 14, 32]
+    assert kinds["layerwise dumps"].bytes == 2 * sum(100 * (d * 4 + 2 * 8) for d in dims)
+    p = plan.plan(c)
+    assert p["storage_bytes"] == sum(a.bytes for a in kinds.values()) > 0
+    assert "feature dumps" in plan.format_plan(p)

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from synthetic_tables import layerwise_frame, metrics_frame
+from synthetic_tables import layerwise_frame, metrics_frame, train_logs_frame
 
 from ncpipe.utils import write_csv_verified
 
@@ -56,3 +56,49 @@ def test_the_metrics_stage_never_loads_torch(tmp_path, tiny_dump):
             "--out", str(tmp_path / "m.csv")]
     assert _loaded(*argv) == {"torch._C": False, "scipy": False, "matplotlib": False}
     assert (tmp_path / "m.csv").stat().st_size > 0
+
+
+# The bookkeeping jobs that only move text load neither pandas nor numpy (their imports were most of each
+# job's time); the metrics stage needs numpy and h5py, not pandas.
+_PROBE_LIGHT = """
+import json, sys
+from ncpipe import cli
+numpy_before = "numpy" in sys.modules
+cli.main(sys.argv[1:])
+print(json.dumps({"numpy_before_run": numpy_before, "numpy": "numpy" in sys.modules,
+                  "pandas": "pandas" in sys.modules, "jsonschema": "jsonschema" in sys.modules}))
+"""
+
+
+def _light(*argv: str) -> dict[str, bool]:
+    res = subprocess.run([sys.executable, "-c", _PROBE_LIGHT, *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_aggregate_jobs_load_no_pandas_nor_numpy(tmp_path):
+    from ncpipe import paths
+
+    m = tmp_path / "m.csv"
+    write_csv_verified(metrics_frame(regimes=("st",), seeds=(1,), epochs=(1,)), m)
+    lw = tmp_path / "lw.csv"
+    write_csv_verified(layerwise_frame(regimes=("st",), seeds=(1,), layers=2), lw)
+    log = tmp_path / paths.format_path(paths.TRAIN_LOG, dataset="cifar10", arch="vgg11bn", regime="st",
+                                       seed=1)
+    log.parent.mkdir(parents=True)
+    write_csv_verified(train_logs_frame(regimes=("st",), seeds=(1,), epochs=2).drop(
+        columns=["dataset", "arch", "regime", "method", "seed"]), log)
+    none = {"numpy_before_run": False, "numpy": False, "pandas": False, "jsonschema": False}
+    for argv in (["aggregate", "--out", str(tmp_path / "a.csv"), str(m)],
+                 ["aggregate-layerwise", "--out", str(tmp_path / "b.csv"), str(lw)],
+                 ["train-logs", "--out", str(tmp_path / "c.csv"), str(log)]):
+        assert _light(*argv) == none, argv
+
+
+def test_the_metrics_stage_loads_no_pandas_and_numpy_only_after_the_thread_setting(tmp_path, tiny_dump):
+    # numpy's OpenBLAS reads OMP_NUM_THREADS once, when numpy loads: `--threads` must come first, or the
+    # BLAS sums (and the last digits of NC1) would depend on the machine's core count
+    argv = ["--threads", "1", "metrics", "--dump", str(tiny_dump["dump"]), "--regime", "st",
+            "--out", str(tmp_path / "m.csv")]
+    assert _light(*argv) == {"numpy_before_run": False, "numpy": True, "pandas": False, "jsonschema": False}

@@ -312,7 +312,8 @@ def test_the_advised_commands_regenerate_a_damaged_dump_and_table(workdir, monke
     import h5py
 
     from ncpipe import io
-    from ncpipe.evaluate import aggregate, evaluate_dump
+    from ncpipe.evaluate import evaluate_dump
+    from ncpipe.tidy import aggregate_metrics
     from ncpipe.utils import ArtifactError
 
     monkeypatch.chdir(workdir)
@@ -338,7 +339,7 @@ def test_the_advised_commands_regenerate_a_damaged_dump_and_table(workdir, monke
         table.write_bytes(table_bytes[: len(table_bytes) // 2])
     assert plan(workdir, MINI)[0] == Counter()
     with pytest.raises(ArtifactError, match="does not match the digest") as e:
-        aggregate([table])
+        aggregate_metrics([table])
     snakemake(workdir, MINI, *_advised(str(e.value)))
     assert table.read_bytes() == table_bytes
     assert (workdir / "results/metrics.csv").read_bytes() == all_metrics

@@ -154,6 +154,34 @@ def test_summary_bad_directory(tmp_path):
     assert proc.returncode == 2 and "metrics.csv not found" in proc.stderr
 
 
+def test_summary_shows_autoattack_beside_pgd(tmp_path):
+    """autoattack rows (test split, final epoch: config/autoattack.yaml) add their columns, nothing else."""
+    res = _results(tmp_path)
+    plain = summary.summarize(res, commit="x")
+    df = pd.read_csv(res / "metrics.csv")
+    aa = df[(df.epoch == 20) & (df.split == "test") & (df.perturbation == "pgd")].copy()
+    aa["perturbation"] = "autoattack"
+    aa["value"] = aa["value"] / 2  # AutoAttack finds more adversarial examples than PGD
+    known = {("st", "accuracy"): 0.0123, ("at_linf8", "ncc_train_means_accuracy"): 0.4567}
+    for (regime, metric), v in known.items():
+        aa.loc[(aa.regime == regime) & (aa.metric == metric) & (aa.grouping == "true"), "value"] = v
+    pd.concat([df, aa], ignore_index=True).to_csv(res / "metrics.csv", index=False)
+    text = summary.summarize(res, commit="x")
+    acc = _section(text, summary.TITLES["accuracy"])
+    header = _row(acc, "regime")
+    assert header[2:] == ["network, train, clean", "network, train, PGD (robust)", "network, test, clean",
+                          "network, test, PGD (robust)", "network, test, AutoAttack (robust)",
+                          "NCC, train, clean", "NCC, train, PGD", "NCC, test, clean", "NCC, test, PGD",
+                          "NCC, test, AutoAttack"]
+    assert _row(acc, "`st`") == ["`st`", "20", "100", "5.60", "95.5", "4.00", "1.23", "99.9", "6.12", "94.5",
+                                 "4.51", "2.25"]  # NCC test AutoAttack: 0.0451 / 2
+    assert _row(acc, "`at_linf8`")[-1] == "45.7"
+    assert "*AutoAttack*" in acc and "*AutoAttack*" not in plain
+    # every other section is byte-identical, and the README's block keeps the structure of such a run
+    assert text.replace(acc, "") == plain.replace(_section(plain, summary.TITLES["accuracy"]), "")
+    assert summary.structure(text) == summary.structure(plain)
+
+
 def test_readme_block_has_the_summary_structure(tmp_path):
     block = summary.readme_block((ROOT / "README.md").read_text())
     assert block.startswith("Commit: `")
