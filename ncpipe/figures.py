@@ -274,6 +274,9 @@ def fit_to_content(fig: plt.Figure, pad: float | None = None) -> None:
         if text.get_transform() in (fig.transFigure, fig.transSubfigure):
             text.set_position(moved(*text.get_position()))
     fig.set_size_inches(box.width, box.height)
+    # tight_layout() leaves a placeholder layout engine, and with any engine savefig lays the figure out
+    # again (a draw without rendering) for every format: the layout is final here
+    fig.set_layout_engine(None)
 
 
 def save(fig: plt.Figure, stem: str, formats: list[str], dpi: int) -> list[str]:
