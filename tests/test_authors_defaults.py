@@ -60,6 +60,21 @@ def test_trades_start_is_the_authors_unprojected_one(trained_mnist_model):
     assert differing(projected) > 0.2
 
 
+
+def _trades_loss_arguments(monkeypatch: pytest.MonkeyPatch, spec: TrainSpec) -> dict[str, Any]:
+    """The keyword arguments the training step of ``spec`` calls ``attacks.trades_loss`` with."""
+    seen: dict[str, Any] = {}
+
+    def spy(model, x, y, **kw):
+        seen.update(kw)
+        raise StopIteration
+
+    monkeypatch.setattr(attacks, "trades_loss", spy)
+    with pytest.raises(StopIteration):
+        train_step(torch.nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), spec,
+                   torch.Generator(), None)
+    return seen
+
 def test_l2_trades_step_is_the_authors_2_eps_over_steps_and_at_keeps_its_step(monkeypatch):
     c = load_config(ROOT / "config" / "paper_l2.yaml")
     wc = {"dataset": "cifar10", "arch": "vgg11bn", "seed": 1}
@@ -74,16 +89,7 @@ def test_l2_trades_step_is_the_authors_2_eps_over_steps_and_at_keeps_its_step(mo
     c["train"]["trades_step"] = 15
     assert grid.train_spec_of(c, {**wc, "regime": "trades_l2128"}).trades.step == 15
     # and the training step hands that step to the attack, in pixels
-    seen: dict[str, Any] = {}
-
-    def spy(model, x, y, **kw):
-        seen.update(kw)
-        raise StopIteration
-
-    monkeypatch.setattr(attacks, "trades_loss", spy)
-    with pytest.raises(StopIteration):
-        train_step(torch.nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), trades,
-                   torch.Generator(), None)
+    seen = _trades_loss_arguments(monkeypatch, trades)
     assert seen["step"] == pytest.approx(25.6 / 255) and seen["project_start"] is False
 
 
@@ -249,16 +255,7 @@ def test_trades_l2_projection_reaches_the_attack_from_the_config(monkeypatch):
     spec = grid.train_spec_of(c, wc)
     assert TrainSpec.from_json(spec.to_json()) == spec
     assert '"l2_projection": "ball_then_box"' in spec.to_json()  # so it is part of the training resume key
-    seen: dict[str, Any] = {}
-
-    def spy(model, x, y, **kw):
-        seen.update(kw)
-        raise StopIteration
-
-    monkeypatch.setattr(attacks, "trades_loss", spy)
-    with pytest.raises(StopIteration):
-        train_step(torch.nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), spec,
-                   torch.Generator(), None)
+    seen = _trades_loss_arguments(monkeypatch, spec)
     assert seen["l2_projection"] == "ball_then_box" and seen["norm"] == "l2"
     monkeypatch.undo()
     # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same order
