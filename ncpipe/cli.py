@@ -86,9 +86,10 @@ def cmd_aggregate_layerwise(a: argparse.Namespace) -> None:
 
 def cmd_figures(a: argparse.Namespace) -> None:
     from .figures import draw_figures
+    from .specs import FigureSpec
 
-    spec = _spec(a.spec)
-    for path in draw_figures(a.table, a.names, a.outdir, spec["formats"], spec["dpi"], spec["context"]):
+    spec = FigureSpec.from_dict(_spec(a.spec), "--spec")
+    for path in draw_figures(a.table, a.names, a.outdir, spec):
         log.info("wrote %s", path)
 
 
@@ -108,9 +109,10 @@ def cmd_leap_table(a: argparse.Namespace) -> None:
 
 def cmd_simplex_figure(a: argparse.Namespace) -> None:
     from .figures import draw_simplex_files
+    from .specs import FigureSpec
 
-    spec = _spec(a.spec)
-    for path in draw_simplex_files(a.dumps, a.stem, a.outdir, spec["formats"], spec["dpi"], spec["context"]):
+    spec = FigureSpec.from_dict(_spec(a.spec), "--spec")
+    for path in draw_simplex_files(a.dumps, a.stem, a.outdir, spec):
         log.info("wrote %s", path)
 
 

@@ -45,6 +45,7 @@ class Family:
     category: str  # report category
     caption: str  # one line, also in --help and docs
     needs: Callable[[dict[str, Any]], bool] = field(default=lambda config: True)
+    targeted: bool = False  # draws the targeted kind: its title names that kind's budget where it differs
 
 
 def _has_split(split: str) -> Callable[[dict[str, Any]], bool]:
@@ -63,6 +64,7 @@ FAMILIES: dict[str, Family] = {
         "NC metrics vs epoch (train data)",
         "NC1-NC4 and accuracy vs epoch on training data, clean and per perturbation kind (true labels).",
         _has_split("train"),
+        targeted=True,
     ),
     "nc_vs_epoch_test": Family(
         RUN_THREAT,
@@ -70,6 +72,7 @@ FAMILIES: dict[str, Family] = {
         "NC metrics vs epoch (test data)",
         "NC1-NC4 and accuracy vs epoch on test data, clean and per perturbation kind (true labels).",
         _has_split("test"),
+        targeted=True,
     ),
     "targeted_leap": Family(
         RUN_THREAT,
@@ -78,6 +81,7 @@ FAMILIES: dict[str, Family] = {
         "Targeted-PGD data grouped by target label vs clean data, and the angle between the clean mean of "
         "class c and the mean of points targeted to c, vs epoch.",
         lambda c: _has_split("train")(c) and _has_kinds("clean", "targeted")(c),
+        targeted=True,
     ),
     "simplex_alignment": Family(
         RUN_THREAT,
@@ -85,6 +89,7 @@ FAMILIES: dict[str, Family] = {
         "Simplex alignment",
         "Angle and distance between clean and perturbed class means (centred, raw, global mean) vs epoch.",
         lambda c: _has_split("train")(c) and "clean" in c["attack"]["kinds"],
+        targeted=True,
     ),
     "ncc_vs_network": Family(
         ARCH_THREAT,
@@ -116,6 +121,7 @@ FAMILIES: dict[str, Family] = {
         "Clean class means and a per-class sample of clean, PGD and targeted train features on the "
         "plane of the first two principal axes of the centred clean class means, first and final checkpoint.",
         lambda c: _has_split("train")(c) and _has_kinds("clean", "pgd")(c),
+        targeted=True,
     ),
     "leap_matrix": Family(
         ARCH_THREAT,
@@ -124,6 +130,7 @@ FAMILIES: dict[str, Family] = {
         "Final checkpoint: share of train points of true class c whose perturbed feature is nearest "
         "the clean train mean of class k (C x C, rows sum to 1), PGD and targeted PGD, per training regime.",
         lambda c: _has_split("train")(c) and _has_kinds("clean", "pgd")(c),
+        targeted=True,
     ),
     "training_curves": Family(
         RUN,

@@ -52,6 +52,7 @@ from .families import FAMILIES, parse_stem  # noqa: E402
 from .families import figure_targets as figure_targets  # noqa: E402  (re-exported)
 from .grid import NORM_LABELS, method_of, regime_label  # noqa: E402
 from .io import KIND_ORDER  # noqa: E402
+from .specs import FigureSpec, TargetedBudget  # noqa: E402
 from .utils import UsageError, atomic_output, read_csv_verified  # noqa: E402
 
 log = logging.getLogger("ncpipe.figures")
@@ -760,12 +761,11 @@ def _draw_simplex_family(tables: dict[str, Any], sel: dict[str, str]) -> plt.Fig
     return draw_simplex([read_dump_view(p) for p in tables["features"]], sel)
 
 
-def draw_simplex_files(dumps: list[str], stem: str, outdir: str, formats: list[str], dpi: int = 150,
-                       context: str = "paper") -> list[str]:
+def draw_simplex_files(dumps: list[str], stem: str, outdir: str, spec: FigureSpec) -> list[str]:
     """The simplex_projection figure ``stem`` from its feature dumps (first and final checkpoint)."""
-    sns.set_theme(context=context, style="whitegrid")
-    fig = _draw_simplex_family({"features": dumps}, parse_stem("simplex_projection", stem))
-    return save(fig, str(Path(outdir) / stem), formats, dpi)
+    sns.set_theme(context=spec.context, style="whitegrid")
+    fig = _draw("simplex_projection", {"features": dumps}, stem, spec)
+    return save(fig, str(Path(outdir) / stem), list(spec.formats), spec.dpi)
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -795,14 +795,28 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return read_csv_verified(path, "table", required=False)
 
 
-def draw_figures(
-    table: str | os.PathLike,
-    names: list[str],
-    root: str,
-    formats: list[str],
-    dpi: int = 150,
-    context: str = "paper",
-) -> list[str]:
+def targeted_note(sel: dict[str, str], budget: TargetedBudget) -> str:
+    """The line that says how the targeted kind's budget differs from the evaluation threat of ``sel``."""
+    parts = [f"ε × {budget.epsilon_factor:g} = {budget.epsilon_of(float(sel['eps'])):g}/255"]
+    if budget.step_factor != 1:
+        parts.append(f"step × {budget.step_factor:g}")
+    if budget.steps_factor != 1:
+        parts.append(f"steps × {budget.steps_factor}")
+    return "targeted PGD's own budget (config attack.targeted): " + ", ".join(parts)
+
+
+def _draw(family: str, tables: dict[str, Any], stem: str, spec: FigureSpec) -> plt.Figure:
+    sel = parse_stem(family, stem)
+    fig = DRAW[family](tables, sel)
+    if FAMILIES[family].targeted and spec.targeted is not None and not spec.targeted.is_identity():
+        # the file name and title name the evaluation threat; the targeted kind drawn here used another
+        title = next((t for t in fig.texts if t.get_text() == fig.get_suptitle()), None)
+        if title is not None:
+            title.set_text(f"{title.get_text()}\n{targeted_note(sel, spec.targeted)}")
+    return fig
+
+
+def draw_figures(table: str | os.PathLike, names: list[str], root: str, spec: FigureSpec) -> list[str]:
     """Draw each figure ``<family>/<stem>`` of ``names`` from the one ``table`` they all read, under ``root``.
 
     One process for all families of a table: each figure reads the whole table, so splitting them into jobs
@@ -817,12 +831,12 @@ def draw_figures(
     kinds = {FAMILIES[f].table for f in by_family}
     if len(kinds) != 1:
         raise UsageError(f"the figures {names} read different tables ({', '.join(sorted(kinds))})")
-    sns.set_theme(context=context, style="whitegrid")
+    sns.set_theme(context=spec.context, style="whitegrid")
     tables = {kinds.pop(): read_table(table)}
     out = []
     for family, stems in by_family.items():
         for stem in stems:
             log.info("drawing %s/%s", family, stem)
-            fig = DRAW[family](tables, parse_stem(family, stem))
-            out += save(fig, str(Path(root) / family / stem), formats, dpi)
+            fig = _draw(family, tables, stem, spec)
+            out += save(fig, str(Path(root) / family / stem), list(spec.formats), spec.dpi)
     return out

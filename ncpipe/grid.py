@@ -9,7 +9,6 @@ and adding a seed or an epsilon only adds jobs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from .specs import (
     DataSpec,
     ExternalSpec,
     FeaturesSpec,
+    FigureSpec,
     LayerwiseOptions,
     LayerwiseSpec,
     MetricsOptions,
@@ -299,5 +299,13 @@ def layerwise_spec(config: dict[str, Any], wildcards: Any) -> str:
     return layerwise_spec_of(config, wildcards).to_json()
 
 
+def figures_spec_of(config: dict[str, Any]) -> FigureSpec:
+    """Config ``figures``, with the targeted kind's budget where it is drawn and differs from the threat's."""
+    budget = TargetedBudget.from_dict(config["attack"]["targeted"], "attack.targeted")
+    drawn = "targeted" in config["attack"]["kinds"] and not budget.is_identity()
+    spec = FigureSpec.from_dict(config["figures"], "figures")
+    return dataclasses.replace(spec, targeted=budget if drawn else None)
+
+
 def figures_spec(config: dict[str, Any]) -> str:
-    return json.dumps(dict(config["figures"]), sort_keys=True)
+    return figures_spec_of(config).to_json()

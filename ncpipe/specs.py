@@ -224,8 +224,12 @@ class TargetedBudget(Spec):
     def is_identity(self) -> bool:
         return self.epsilon_factor == 1 and self.step_factor == 1 and self.steps_factor == 1
 
+    def epsilon_of(self, epsilon: float) -> float:
+        """The targeted kind's epsilon (1/255 units) for an evaluation threat's."""
+        return epsilon * self.epsilon_factor
+
     def apply(self, threat: Threat) -> Threat:
-        return Threat(threat.norm, threat.epsilon * self.epsilon_factor, threat.step * self.step_factor,
+        return Threat(threat.norm, self.epsilon_of(threat.epsilon), threat.step * self.step_factor,
                       threat.steps * self.steps_factor, threat.restarts)
 
 
@@ -402,6 +406,21 @@ class FeaturesSpec(Spec):
         if kind == "targeted" and self.targeted is not None:
             return self.targeted.apply(self.threat)
         return self.threat
+
+
+@dataclass(frozen=True)
+class FigureSpec(Spec):
+    """``ncpipe figures / simplex-figure --spec``: config ``figures`` plus the targeted kind's budget.
+
+    The budget is here because the figures that draw the targeted kind say in their title how it differs from
+    the evaluation threat named by the file (the demo's is 2x epsilon, 3x steps); a change of it redraws them.
+    """
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("figures",)
+    formats: tuple[str, ...]
+    dpi: int
+    context: str
+    targeted: TargetedBudget | None = field(default=None, metadata=_OPT)
 
 
 @dataclass(frozen=True)

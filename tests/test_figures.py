@@ -16,6 +16,7 @@ import pytest
 
 from ncpipe import families, figures, grid, tables
 from ncpipe.config import load_config
+from ncpipe.specs import FigureSpec, TargetedBudget
 from ncpipe.utils import UsageError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,6 +28,7 @@ from synthetic_tables import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG = FigureSpec(("png",), 40, "paper")  # small PNGs, and the authors' targeted budget (no note)
 REPORT_DIR = ROOT / "workflow" / "report"
 
 
@@ -278,7 +280,7 @@ def test_every_family_draws_a_png_from_synthetic_tables(tmp_path):
         if f.table == "features":  # drawn from feature dumps: tests/test_leap.py
             continue
         name = f"{fam}/{stems[f.stem]}"
-        (out,) = figures.draw_figures(files[f.table], [name], str(tmp_path), ["png"], dpi=40)
+        (out,) = figures.draw_figures(files[f.table], [name], str(tmp_path), PNG)
         head = Path(out).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", fam
         assert (REPORT_DIR / f"{fam}.rst").is_file(), f"no report caption for {fam}"
@@ -288,13 +290,13 @@ def test_one_job_draws_every_family_of_a_table_and_refuses_mixed_tables(tmp_path
     path = tmp_path / "metrics.csv"
     metrics_frame(epochs=(1, 4), seeds=(1,)).to_csv(path, index=False)
     names = ["nc_vs_epoch/cifar10__vgg11bn__st__linf8", "ncc_vs_network/cifar10__vgg11bn__linf8"]
-    out = figures.draw_figures(path, names, str(tmp_path), ["png", "pdf"], dpi=40)
+    out = figures.draw_figures(path, names, str(tmp_path), FigureSpec(("png", "pdf"), 40, "paper"))
     assert out == [str(tmp_path / f"{n}.{ext}") for n in names for ext in ("png", "pdf")]
     assert all(Path(o).stat().st_size > 0 for o in out)
     with pytest.raises(UsageError, match="read different tables"):
-        figures.draw_figures(path, [names[0], "training_curves/cifar10__vgg11bn__st"], str(tmp_path), ["png"])
+        figures.draw_figures(path, [names[0], "training_curves/cifar10__vgg11bn__st"], str(tmp_path), PNG)
     with pytest.raises(UsageError, match="not <family>/<stem>"):
-        figures.draw_figures(path, ["cifar10__vgg11bn__st__linf8"], str(tmp_path), ["png"])
+        figures.draw_figures(path, ["cifar10__vgg11bn__st__linf8"], str(tmp_path), PNG)
 
 
 def _legend_above_panels() -> plt.Figure:
@@ -344,12 +346,36 @@ def test_one_seed_draws_no_band_and_repeated_rows_count_once():
     plt.close(fig)
 
 
+def test_figures_of_the_targeted_kind_name_its_own_budget(tmp_path):
+    cfg = load_config(ROOT / "config" / "config.yaml")  # the demo: targeted at 2x epsilon, 3x the steps
+    spec = grid.figures_spec_of(cfg)
+    assert spec.targeted == TargetedBudget(2, 1.0, 3) and FigureSpec.from_json(spec.to_json()) == spec
+    assert grid.figures_spec_of(load_config(ROOT / "config" / "paper.yaml")).targeted is None  # the authors'
+    note = "targeted PGD's own budget (config attack.targeted): ε × 2 = 16/255, steps × 3"
+    assert figures.targeted_note({"eps": "8"}, spec.targeted) == note
+    path = tmp_path / "metrics.csv"
+    metrics_frame(epochs=(1, 4), seeds=(1,)).to_csv(path, index=False)
+    titles = {}
+    for budget in (spec.targeted, None):
+        for name in ("targeted_leap/cifar10__vgg11bn__st__linf8", "ncc_vs_network/cifar10__vgg11bn__linf8"):
+            family, stem = name.split("/")
+            fig = figures._draw(family, {"metrics": figures.read_table(path)}, stem,
+                                FigureSpec(("png",), 40, "paper", budget))
+            titles[name, budget is None] = fig.get_suptitle()
+            plt.close(fig)
+    assert titles["targeted_leap/cifar10__vgg11bn__st__linf8", False].endswith("\n" + note)
+    assert note not in titles["targeted_leap/cifar10__vgg11bn__st__linf8", True]
+    # a figure without the targeted kind says nothing of its budget
+    assert titles["ncc_vs_network/cifar10__vgg11bn__linf8", False] == titles[
+        "ncc_vs_network/cifar10__vgg11bn__linf8", True]
+
+
 def test_missing_rows_give_a_placeholder_not_a_crash(tmp_path):
     path = tmp_path / "m.csv"
     pd.DataFrame(columns=METRICS_COLUMNS).to_csv(path, index=False)
     for fam in ("nc_vs_epoch", "ncc_vs_network"):
         stem = families.figure_stems(load_config(ROOT / "config" / "config.yaml"), fam)[0]
-        (out,) = figures.draw_figures(path, [f"{fam}/{stem}"], str(tmp_path), ["png"], dpi=40)
+        (out,) = figures.draw_figures(path, [f"{fam}/{stem}"], str(tmp_path), PNG)
         assert Path(out).stat().st_size > 0
 
 
