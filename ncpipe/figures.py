@@ -280,16 +280,17 @@ def fit_to_content(fig: plt.Figure, pad: float | None = None) -> None:
     fig.set_layout_engine(None)
 
 
-def save(fig: plt.Figure, stem: str, formats: list[str], dpi: int) -> list[str]:
+def save(fig: plt.Figure, stem: str, spec: FigureSpec) -> list[str]:
+    """``fig`` as ``<stem>.<format>`` for each of the spec's formats, at its dpi; closes the figure."""
     # text is measured at the dpi it is drawn at (hinting makes widths differ between dpis), and the PNG
     # reuses the renderer the measuring laid out
-    fig.set_dpi(dpi)
+    fig.set_dpi(spec.dpi)
     fit_to_content(fig)
     out = []
-    for ext in formats:
+    for ext in spec.formats:
         path = f"{stem}.{ext}"
         with atomic_output(path) as tmp:  # it creates the directory
-            fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches=None)
+            fig.savefig(tmp, format=ext, dpi=spec.dpi, bbox_inches=None)
         out.append(path)
     plt.close(fig)
     return out
@@ -299,14 +300,15 @@ def _threat(sel: dict[str, str]) -> str:
     return f"{NORM_LABELS.get(sel['norm'], sel['norm'])} ε = {sel['eps']}/255"
 
 
-def _title(sel: dict[str, str], what: str) -> str:
+def _title(sel: dict[str, str], what: str, note: str = "", detail: str = "") -> str:
+    """``what``, then the figure's cell (from its stem) and ``detail``, then ``note`` (a targeted_note)."""
     head = " / ".join(sel[k] for k in ("dataset", "arch") if k in sel)
     parts = [head]
     if "regime" in sel:
         parts.append(regime_label(sel["regime"]))
     if "norm" in sel:
         parts.append(f"evaluation threat {_threat(sel)}")
-    return f"{what}\n" + " — ".join(parts)
+    return "\n".join([what, " — ".join(parts) + detail, *([note] if note else [])])
 
 
 # ------------------------------------------------------------------------------------------- families
@@ -344,13 +346,13 @@ def _nc_panels() -> list[Panel]:
     return panels
 
 
-def _draw_nc(split: str) -> Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]:
-    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+def _draw_nc(split: str) -> Draw:
+    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
         df = select(tables["metrics"], sel)
         df = df[df["split"] == split]
         panels = _nc_panels()
         return epoch_panels(
-            df, panels, _title(sel, f"Neural Collapse on {split} data, grouped by true label")
+            df, panels, _title(sel, f"Neural Collapse on {split} data, grouped by true label", note)
         )
 
     return draw
@@ -376,7 +378,7 @@ def _leap_series(metric: str, keys: tuple[str, ...], scale: float = 1.0) -> tupl
     return tuple(Series(LEAP_LINES[k][0], metric, *LEAP_LINES[k][1:], scale) for k in keys)
 
 
-def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
     df = select(tables["metrics"], sel)
     df = df[df["split"] == "train"]
     every = ("clean", "target", "true", "predicted")
@@ -403,7 +405,7 @@ def _draw_leap(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figu
             ),
         ),
     ]
-    return epoch_panels(df, panels, _title(sel, "Leap: targeted PGD (y → (y+1) mod C) on train data"))
+    return epoch_panels(df, panels, _title(sel, "Leap: targeted PGD (y → (y+1) mod C) on train data", note))
 
 
 ALIGN_PANELS = [
@@ -416,7 +418,7 @@ ALIGN_PANELS = [
 ]
 
 
-def _draw_alignment(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+def _draw_alignment(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
     df = select(tables["metrics"], sel)
     df = df[df["split"] == "train"]
     kinds = tuple(k for k in KIND_ORDER if k != "clean")  # each is compared with the clean means
@@ -428,6 +430,7 @@ def _draw_alignment(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt
             sel,
             "Clean vs perturbed simplex alignment on train data "
             "(class means by true label, averaged over classes)",
+            note,
         ),
     )
 
@@ -443,8 +446,9 @@ def _regime_order(regimes: list[str]) -> list[str]:
     )
 
 
-def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
-    title = _title(sel, "Network vs nearest-clean-class-mean (NCC) classifier, final epoch")
+def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
+    what = "Network vs nearest-clean-class-mean (NCC) classifier, final epoch"
+    title = _title(sel, what, note)
     df = _final(select(tables["metrics"], sel))
     df = df[
         (df["grouping"] == "true")
@@ -498,9 +502,8 @@ def _draw_ncc_bars(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.
     shown = [c for c in classifiers if c in set(df["classifier"])]
     handles = [Patch(facecolor=classifiers[c], label=c) for c in shown]
     seeds = df["seed"].nunique()
-    return finish(
-        fig, f"{title} (epoch {int(df['epoch'].max())}, {seeds} seed(s), bars ±1 s.d.)", handles, shown
-    )
+    detail = f" (epoch {int(df['epoch'].max())}, {seeds} seed(s), bars ±1 s.d.)"
+    return finish(fig, _title(sel, what, note, detail), handles, shown)
 
 
 LAYERWISE_NC1 = [("nc1", "NC1 = Tr(Σ_W Σ_B⁺)", True, "-")]
@@ -511,8 +514,8 @@ LAYERWISE_NCC = [
 
 
 def _draw_layerwise(metrics: list[tuple[str, str, bool, str]], ylabel: str, what: str, scale: float = 1.0):
-    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
-        title = _title(sel, what)
+    def draw(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
+        title = _title(sel, what, note)
         df = select(tables["layerwise"], sel)
         if "split" in df.columns and (df["split"] == "train").any():
             df = df[df["split"] == "train"]
@@ -541,7 +544,7 @@ def _draw_layerwise(metrics: list[tuple[str, str, bool, str]], ylabel: str, what
         handles, labels = axes.flat[0].get_legend_handles_labels()
         return finish(
             fig,
-            f"{title} (epoch {int(df['epoch'].max())}, {df['seed'].nunique()} seed(s))",
+            _title(sel, what, note, f" (epoch {int(df['epoch'].max())}, {df['seed'].nunique()} seed(s))"),
             handles,
             labels,
             ncol=2,
@@ -570,27 +573,27 @@ TRAIN_LOG_PANELS = [
 ]
 
 
-def _draw_training(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+def _draw_training(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
     df = select(tables["train_logs"], sel)
     long = _wide_to_long(
         df,
         ["dataset", "arch", "regime", "seed", "epoch"],
         ["loss", "robust_loss", "train_acc", "robust_acc", "test_acc", "lr"],
     )
-    return epoch_panels(long, TRAIN_LOG_PANELS, _title(sel, "Training curves"))
+    return epoch_panels(long, TRAIN_LOG_PANELS, _title(sel, "Training curves", note))
 
 
 # ------------------------------------------------------------------------------------------- leap matrix
 LEAP_FIGURE_KINDS = ("pgd", "targeted")
 
 
-def _draw_leap_matrix(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> plt.Figure:
+def _draw_leap_matrix(tables: dict[str, pd.DataFrame], sel: dict[str, str], note: str = "") -> plt.Figure:
     """Heat maps true class (rows) -> class of the nearest clean train mean (columns), train, final epoch.
 
     One column per regime (ST beside AT and TRADES), one row per attack; each row of a map sums to 100 %.
     """
-    title = _title(sel, "Leap matrix: where perturbed train points land (nearest clean train class mean), "
-                        "final epoch")
+    what = "Leap matrix: where perturbed train points land (nearest clean train class mean), final epoch"
+    title = _title(sel, what, note)
     df = select(tables["leap"], sel)
     df = _final(df[(df["split"] == "train") & df["perturbation"].isin(LEAP_FIGURE_KINDS)])
     if df.empty:
@@ -628,7 +631,7 @@ def _draw_leap_matrix(tables: dict[str, pd.DataFrame], sel: dict[str, str]) -> p
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the true class (%)")
     seeds = df["seed"].nunique()
-    fig.suptitle(f"{title} ({seeds} seed(s), mean)", y=1.02, va="bottom", fontsize=10)
+    fig.suptitle(_title(sel, what, note, f" ({seeds} seed(s), mean)"), y=1.02, va="bottom", fontsize=10)
     return fig
 
 
@@ -726,9 +729,10 @@ def _draw_simplex_panel(ax: plt.Axes, view: DumpView, kind: str, classes: np.nda
     ax.set_aspect("equal", adjustable="datalim")
 
 
-def draw_simplex(views: list[DumpView], sel: dict[str, str]) -> plt.Figure:
+def draw_simplex(views: list[DumpView], sel: dict[str, str], note: str = "") -> plt.Figure:
     """Rows: the checkpoints (first, final); columns: PGD and targeted PGD, each over the clean data."""
-    title = _title(sel, "Simplex projection of train features (class means and a sample per class)")
+    what = "Simplex projection of train features (class means and a sample per class)"
+    title = _title(sel, what, note)
     views = [v for v in views if "clean" in v.groups]
     kinds = [k for k in SIMPLEX_KINDS if all(k in v.groups for v in views)]
     if not views or not kinds:
@@ -754,22 +758,24 @@ def draw_simplex(views: list[DumpView], sel: dict[str, str]) -> plt.Figure:
         Line2D([], [], color="grey", lw=0.7, label="clean point → its perturbed image"),
     ]
     subset = "" if len(classes) == c else f"; classes 0–{len(classes) - 1} of {c}"
-    return finish(fig, f"{title}\ncolour = true class{subset}", handles, [h.get_label() for h in handles])
+    return finish(fig, _title(sel, what, note, f"\ncolour = true class{subset}"), handles,
+                  [h.get_label() for h in handles])
 
 
-def _draw_simplex_family(tables: dict[str, Any], sel: dict[str, str]) -> plt.Figure:
-    return draw_simplex([read_dump_view(p) for p in tables["features"]], sel)
+def _draw_simplex_family(tables: dict[str, Any], sel: dict[str, str], note: str = "") -> plt.Figure:
+    return draw_simplex([read_dump_view(p) for p in tables["features"]], sel, note)
 
 
 def draw_simplex_files(dumps: list[str], stem: str, outdir: str, spec: FigureSpec) -> list[str]:
     """The simplex_projection figure ``stem`` from its feature dumps (first and final checkpoint)."""
     sns.set_theme(context=spec.context, style="whitegrid")
     fig = _draw("simplex_projection", {"features": dumps}, stem, spec)
-    return save(fig, str(Path(outdir) / stem), list(spec.formats), spec.dpi)
+    return save(fig, str(Path(outdir) / stem), spec)
 
 
 # ------------------------------------------------------------------------------------------- registry
-Draw = Callable[[dict[str, pd.DataFrame], dict[str, str]], plt.Figure]
+# (tables, sel, note=""): the input tables by name, the stem's wildcards, an extra title line
+Draw = Callable[..., plt.Figure]
 
 # One drawing per family of ncpipe.families.FAMILIES (same keys; tests/test_figures.py checks).
 DRAW: dict[str, Draw] = {
@@ -807,13 +813,10 @@ def targeted_note(sel: dict[str, str], budget: TargetedBudget) -> str:
 
 def _draw(family: str, tables: dict[str, Any], stem: str, spec: FigureSpec) -> plt.Figure:
     sel = parse_stem(family, stem)
-    fig = DRAW[family](tables, sel)
-    if FAMILIES[family].targeted and spec.targeted is not None and not spec.targeted.is_identity():
-        # the file name and title name the evaluation threat; the targeted kind drawn here used another
-        title = next((t for t in fig.texts if t.get_text() == fig.get_suptitle()), None)
-        if title is not None:
-            title.set_text(f"{title.get_text()}\n{targeted_note(sel, spec.targeted)}")
-    return fig
+    # the file name and title name the evaluation threat; the targeted kind drawn here may have used another
+    budget = spec.targeted
+    drawn = FAMILIES[family].targeted and budget is not None and not budget.is_identity()
+    return DRAW[family](tables, sel, targeted_note(sel, budget) if drawn else "")
 
 
 def draw_figures(table: str | os.PathLike, names: list[str], root: str, spec: FigureSpec) -> list[str]:
@@ -828,15 +831,15 @@ def draw_figures(table: str | os.PathLike, names: list[str], root: str, spec: Fi
         if family not in FAMILIES or not stem:
             raise UsageError(f"{name!r} is not <family>/<stem> (families: {', '.join(FAMILIES)})")
         by_family.setdefault(family, []).append(stem)
-    kinds = {FAMILIES[f].table for f in by_family}
-    if len(kinds) != 1:
-        raise UsageError(f"the figures {names} read different tables ({', '.join(sorted(kinds))})")
+    read = {FAMILIES[f].table for f in by_family}
+    if len(read) != 1:
+        raise UsageError(f"the figures {names} read different tables ({', '.join(sorted(read))})")
     sns.set_theme(context=spec.context, style="whitegrid")
-    tables = {kinds.pop(): read_table(table)}
+    tables = {read.pop(): read_table(table)}
     out = []
     for family, stems in by_family.items():
         for stem in stems:
             log.info("drawing %s/%s", family, stem)
             fig = _draw(family, tables, stem, spec)
-            out += save(fig, str(Path(root) / family / stem), list(spec.formats), spec.dpi)
+            out += save(fig, str(Path(root) / family / stem), spec)
     return out

@@ -420,7 +420,7 @@ class FigureSpec(Spec):
     formats: tuple[str, ...]
     dpi: int
     context: str
-    targeted: TargetedBudget | None = field(default=None, metadata=_OPT)
+    targeted: TargetedBudget | None = field(default=None, metadata=_ABSENT)  # None: the threat's own
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,8 @@ def test_figures_of_the_targeted_kind_name_its_own_budget(tmp_path):
     cfg = load_config(ROOT / "config" / "config.yaml")  # the demo: targeted at 2x epsilon, 3x the steps
     spec = grid.figures_spec_of(cfg)
     assert spec.targeted == TargetedBudget(2, 1.0, 3) and FigureSpec.from_json(spec.to_json()) == spec
-    assert grid.figures_spec_of(load_config(ROOT / "config" / "paper.yaml")).targeted is None  # the authors'
+    paper = grid.figures_spec_of(load_config(ROOT / "config" / "paper.yaml"))
+    assert paper.targeted is None and FigureSpec.from_json(paper.to_json()) == paper  # the authors' budget
     note = "targeted PGD's own budget (config attack.targeted): ε × 2 = 16/255, steps × 3"
     assert figures.targeted_note({"eps": "8"}, spec.targeted) == note
     path = tmp_path / "metrics.csv"
