@@ -147,10 +147,7 @@ def stem_keys(family: str) -> list[str]:
 
 def _match_stem(pattern: str, stem: str) -> dict[str, str] | None:
     """The wildcards of ``stem`` as an instance of ``pattern`` (``None`` if it is not one)."""
-    rx = re.escape(pattern)
-    for k, sub in paths.WILDCARD_PATTERNS.items():
-        rx = rx.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{sub})")
-    m = re.fullmatch(rx, stem)
+    m = re.fullmatch(paths.pattern_regex(pattern), stem)
     return None if m is None else m.groupdict()
 
 

@@ -6,6 +6,7 @@ tests and the aggregation code all derive paths from these strings and never reb
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 RESULTS = "results"
@@ -35,7 +36,7 @@ FIGURES_INDEX = RESULTS + "/figures.txt"  # rule `figures`: every figure and tab
 
 
 # What each wildcard may match, defined once: Snakemake's wildcard_constraints (workflow/rules/common.smk),
-# the figure-stem parser (families.py) and the training-log path parser (tables.py) all use these.
+# the figure-stem parser (families.py) and the training-log path parser (tidy.py) all use these.
 WILDCARD_PATTERNS = {
     "dataset": r"[a-z0-9]+",
     "arch": r"[a-z0-9]+",
@@ -47,6 +48,14 @@ WILDCARD_PATTERNS = {
     "family": r"[a-z0-9_]+",
     "stem": r"[A-Za-z0-9_.\-]+",
 }
+
+
+def pattern_regex(pattern: str) -> str:
+    """A regex of ``pattern``'s instances: each ``{wildcard}`` a named group matching what it may match."""
+    rx = re.escape(pattern)
+    for k, sub in WILDCARD_PATTERNS.items():
+        rx = rx.replace(re.escape(f"{{{k}}}"), f"(?P<{k}>{sub})")
+    return rx
 
 
 def log(rule: str, pattern: str) -> str:

@@ -46,10 +46,7 @@ def aggregate_layerwise(tables: list[str | os.PathLike]) -> Table:
 
 def _run_regex() -> re.Pattern[str]:
     # the inverse of paths.TRAIN_LOG, so a log's run identity comes from where the workflow wrote it
-    rx = re.escape(paths.TRAIN_LOG)
-    for k in ("dataset", "arch", "regime", "seed"):
-        rx = rx.replace(re.escape("{" + k + "}"), f"(?P<{k}>{paths.WILDCARD_PATTERNS[k]})")
-    return re.compile(rf"(?:.*/)?{rx}")
+    return re.compile(rf"(?:.*/)?{paths.pattern_regex(paths.TRAIN_LOG)}")
 
 
 def aggregate_train_logs(logs: list[str | os.PathLike]) -> Table:
