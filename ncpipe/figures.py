@@ -119,21 +119,73 @@ def select(df: pd.DataFrame, sel: dict[str, str]) -> pd.DataFrame:
     return df[m]
 
 
-def series_frame(df: pd.DataFrame, series: tuple[Series, ...]) -> pd.DataFrame:
-    """Long frame with a ``series`` column (the legend label) and ``value`` scaled for display."""
-    parts = []
+def _notna(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind == "f":
+        return ~np.isnan(a)
+    if a.dtype.kind == "O":
+        return ~pd.isna(a)
+    return np.ones(a.shape, dtype=bool)
+
+
+@dataclass(frozen=True)
+class Line:
+    """The rows of one legend entry as arrays: x, seed (None: the table has no seeds), value as drawn."""
+
+    x: np.ndarray
+    seed: np.ndarray | None
+    value: np.ndarray
+
+
+class SeriesRows:
+    """The rows of a selected table grouped once by (metric, perturbation, grouping), to draw its series.
+
+    A figure draws up to ~50 series of one table; a boolean mask (and a copied frame) per series cost more
+    than drawing them.  Columns the table lacks (training logs: perturbation, grouping) match every series.
+    """
+
+    def __init__(self, df: pd.DataFrame, x: str) -> None:
+        self.columns = [c for c in ("metric", "perturbation", "grouping") if c in df.columns]
+        self.x = df[x].to_numpy()
+        self.seed = df["seed"].to_numpy() if "seed" in df.columns else None
+        self.value = df["value"].to_numpy(dtype=float)
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(*(df[c].to_numpy() for c in self.columns), strict=True)):
+            groups.setdefault(key, []).append(i)
+        self.groups = {k: np.asarray(v, dtype=np.intp) for k, v in groups.items()}
+
+    def rows(self, s: Series) -> np.ndarray:
+        """Indices of the rows of ``s`` in table order (several groups where ``s`` leaves a key open)."""
+        want = {"metric": s.metric, "perturbation": s.perturbation, "grouping": s.grouping}
+        key = tuple(want[c] for c in self.columns)
+        if None not in key:
+            return self.groups.get(key, np.zeros(0, dtype=np.intp))
+        parts = [v for k, v in self.groups.items()
+                 if all(w is None or w == g for w, g in zip(key, k, strict=True))]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.intp)
+
+    def line(self, s: Series) -> Line:
+        """The finite rows of ``s``, values scaled for display."""
+        idx = self.rows(s)
+        value = self.value[idx] * s.scale
+        keep = np.isfinite(value)
+        idx = idx[keep]
+        return Line(self.x[idx], None if self.seed is None else self.seed[idx], value[keep])
+
+
+def _lines(rows: SeriesRows, series: tuple[Series, ...]) -> dict[str, Line]:
+    parts: dict[str, list[Line]] = {}
     for s in series:
-        m = df["metric"] == s.metric
-        if s.perturbation is not None:
-            m &= df["perturbation"] == s.perturbation
-        if s.grouping is not None and "grouping" in df.columns:
-            m &= df["grouping"] == s.grouping
-        part = df[m]
-        if part.empty:
-            continue
-        part = part.assign(series=s.label, value=part["value"].astype(float) * s.scale)
-        parts.append(part[np.isfinite(part["value"])])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*df.columns, "series"])
+        line = rows.line(s)
+        if line.value.size:
+            parts.setdefault(s.label, []).append(line)
+    out = {}
+    for label, ls in parts.items():
+        if len(ls) == 1:
+            out[label] = ls[0]
+        else:
+            seeds = None if ls[0].seed is None else np.concatenate([p.seed for p in ls])
+            out[label] = Line(np.concatenate([p.x for p in ls]), seeds, np.concatenate([p.value for p in ls]))
+    return out
 
 
 def _wide_to_long(df: pd.DataFrame, id_cols: list[str], value_cols: list[str]) -> pd.DataFrame:
@@ -144,30 +196,32 @@ def _wide_to_long(df: pd.DataFrame, id_cols: list[str], value_cols: list[str]) -
 # ------------------------------------------------------------------------------------------- drawing
 def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "epoch") -> plt.Figure:
     """One axis per panel, x = epoch, one line per series: mean over seeds with a +-1 s.d. band."""
-    shown = [(p, series_frame(df, p.series)) for p in panels]
-    shown = [(p, f) for p, f in shown if not f.empty]
+    rows = SeriesRows(df, x)
+    shown = [(p, lines) for p in panels if (lines := _lines(rows, p.series))]
     if not shown:
         return empty_figure(title)
     cols = min(3, len(shown))
-    rows = (len(shown) + cols - 1) // cols
-    fig = plt.figure(figsize=(4.4 * cols, 3.3 * rows))
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(len(shown))]  # an unused cell costs an Axes
+    nrows = (len(shown) + cols - 1) // cols
+    fig = plt.figure(figsize=(4.4 * cols, 3.3 * nrows))
+    axes = [fig.add_subplot(nrows, cols, i + 1) for i in range(len(shown))]  # an unused cell costs an Axes
     legend: dict[str, Any] = {}
-    for ax, (panel, frame) in zip(axes, shown, strict=True):
-        order = [s.label for s in panel.series if s.label in set(frame["series"])]
+    for ax, (panel, lines) in zip(axes, shown, strict=True):
+        order = [s.label for s in panel.series if s.label in lines]
         colours = {s.label: s.colour for s in panel.series if s.colour}
         styles = {s.label: s.style for s in panel.series}
-        marker = "o" if frame[x].nunique() <= 80 else None  # 400 per-epoch markers would hide the line
+        xs = np.concatenate([ln.x for ln in lines.values()])
+        marker = "o" if np.unique(xs[_notna(xs)]).size <= 80 else None  # 400 per-epoch markers hide the line
         for label in order:
-            h = mean_band(ax, frame[frame["series"] == label], x, colours.get(label), label,
-                          style=styles.get(label, "-"), marker=marker)
+            ln = lines[label]
+            h = _plot_band(ax, *seed_mean_sd(ln.x, ln.seed, ln.value), colours.get(label), label,
+                           style=styles.get(label, "-"), marker=marker)
             legend.setdefault(label, h)
         ax.set_xlabel("epoch")
-        epoch_axis(ax, frame[x])
+        epoch_axis(ax, xs)
         if panel.note:
             ax.set_title(panel.note, fontsize=8)
         ax.set_ylabel(panel.ylabel)
-        if panel.log and (frame["value"] > 0).all():
+        if panel.log and all((ln.value > 0).all() for ln in lines.values()):
             ax.set_yscale("log")
     return finish(fig, title, list(legend.values()), list(legend))
 
@@ -175,9 +229,13 @@ def epoch_panels(df: pd.DataFrame, panels: list[Panel], title: str, x: str = "ep
 LOG_EPOCHS = 100  # runs this long get a log epoch axis, as NC papers draw 350-400-epoch runs
 
 
-def epoch_axis(ax: plt.Axes, epochs: pd.Series) -> None:
+def epoch_axis(ax: plt.Axes, epochs: pd.Series | np.ndarray) -> None:
     """Ticks at the epochs with data (the checkpoints); a log axis for long runs (symlog if 0 is there)."""
-    e = np.unique(pd.to_numeric(epochs, errors="coerce").dropna().to_numpy(dtype=float))
+    e = np.asarray(epochs)
+    if e.dtype.kind not in "iufb":
+        e = pd.to_numeric(pd.Series(e), errors="coerce").to_numpy(dtype=float)
+    e = e.astype(float)
+    e = np.unique(e[~np.isnan(e)])
     if e.size and e.max() >= LOG_EPOCHS:
         if e.min() <= 0:
             ax.set_xscale("symlog", linthresh=1.0)
@@ -201,20 +259,118 @@ def mean_band(
 ) -> Any:
     """Mean of ``value`` over seeds per ``x`` with a +-1 s.d. band; returns the mean's line (a legend handle).
 
-    Repeated rows of one seed at one ``x`` are averaged first so that every seed counts once; the s.d. is the
-    sample s.d. (ddof 1), as seaborn's ``lineplot(errorbar="sd")`` draws it, and a single seed has none (no
-    band).  Drawn with matplotlib directly: seaborn's lineplot cost ~30 ms a line, a third of a figure job.
-    Call before setting a log scale: the band is the arithmetic mean +- s.d.
+    The statistics are :func:`seed_mean_sd`'s.  Drawn with matplotlib directly: seaborn's lineplot cost ~30 ms
+    a line, a third of a figure job.  Call before setting a log scale: the band is the arithmetic mean +- s.d.
     """
-    data = frame.groupby([x, "seed"], as_index=False)["value"].mean() if "seed" in frame.columns else frame
-    stats = data.groupby(x)["value"].agg(["mean", "std"]).sort_index()
-    xs = stats.index.to_numpy(dtype=float)
-    mean, sd = stats["mean"].to_numpy(dtype=float), stats["std"].to_numpy(dtype=float)
+    seed = frame["seed"].to_numpy() if "seed" in frame.columns else None
+    stats = seed_mean_sd(frame[x].to_numpy(), seed, frame["value"].to_numpy(dtype=float))
+    return _plot_band(ax, *stats, colour, label, style=style, marker=marker)
+
+
+def _plot_band(
+    ax: plt.Axes,
+    xs: np.ndarray,
+    mean: np.ndarray,
+    sd: np.ndarray,
+    colour: str | None,
+    label: str,
+    style: str = "-",
+    marker: str | None = "o",
+) -> Any:
     (line,) = ax.plot(xs, mean, color=colour, label=label, linestyle=style, marker=marker, markersize=4,
                       markeredgewidth=0)  # seaborn's white marker edge would hide 4-point markers
     if np.isfinite(sd).any():
         ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
     return line
+
+
+def seed_mean_sd(
+    x: np.ndarray, seed: np.ndarray | None, value: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct ``x`` (ascending, as floats): the mean of ``value`` over seeds and its s.d. over seeds.
+
+    Repeated rows of one seed at one ``x`` are averaged first so that every seed counts once (``seed`` None:
+    every row counts once); the s.d. is the sample s.d. (ddof 1), as seaborn's ``lineplot(errorbar="sd")``
+    draws it, NaN for a single seed (no band).  NaN values are skipped and rows with a NaN key dropped, as
+    ``DataFrame.groupby`` does; the numbers are bit-identical to the two pandas groupbys this replaced.
+    """
+    value = np.asarray(value, dtype=float)
+    if seed is not None:
+        (x, _), codes = _group_codes(np.asarray(x), np.asarray(seed))
+        value = _group_mean(value, codes, x.size)
+    (xs,), codes = _group_codes(np.asarray(x))
+    return xs.astype(float), _group_mean(value, codes, xs.size), _group_sd(value, codes, xs.size)
+
+
+def _group_codes(*keys: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The distinct key tuples in ascending (lexicographic) order, and each row's group (-1: a NaN key)."""
+    ok = np.logical_and.reduce([_notna(k) for k in keys])
+    uniques, inverses = zip(*(np.unique(k[ok], return_inverse=True) for k in keys), strict=True)
+    inverses = [i.ravel() for i in inverses]
+    if len(keys) == 1:
+        groups, inv = uniques, inverses[0]
+    else:
+        flat, inv = np.unique(np.ravel_multi_index(inverses, [u.size for u in uniques]), return_inverse=True)
+        groups = tuple(u[i] for u, i in zip(uniques, np.unravel_index(flat, [u.size for u in uniques]),
+                                            strict=True))
+    codes = np.full(ok.size, -1, dtype=np.intp)
+    codes[ok] = inv.ravel()
+    return groups, codes
+
+
+def _by_group(value: np.ndarray, codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows with a group, ordered by group (table order within one), their groups and ranks in them."""
+    order = np.argsort(codes, kind="stable")
+    order = order[codes[order] >= 0]
+    g = codes[order]
+    counts = np.bincount(g, minlength=n)
+    return value[order], g, np.arange(g.size) - (np.cumsum(counts) - counts)[g]
+
+
+def _group_mean(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
+    """``groupby(codes).mean()`` of pandas 3.1, the same floats: the two sums it chooses between.
+
+    pandas adds a group's values with ``np.add.reduceat`` when the rows come sorted by group and none is NaN,
+    and else with Kahan's compensated sum, skipping NaN; an empty (all-NaN) group's mean is NaN.
+    """
+    v, g, rank = _by_group(value, codes, n)
+    if not v.size:
+        return np.full(n, np.nan)
+    if np.all(codes[1:] >= codes[:-1]) and not np.isnan(value).any():
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        out = np.full(n, np.nan)
+        out[g[starts]] = np.add.reduceat(v, starts) / np.diff(starts, append=v.size).astype(float)
+        return out
+    total, comp, nobs = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    for k in range(int(rank.max()) + 1):  # the k-th value of every group at once: table order per group
+        at = (rank == k) & ~np.isnan(v)
+        gi, val = g[at], v[at]
+        nobs[gi] += 1
+        y = val - comp[gi]
+        t = total[gi] + y
+        c = t - total[gi] - y
+        comp[gi] = np.where(np.isnan(c), 0.0, c)  # an infinite value: keep the sum infinite, not NaN
+        total[gi] = t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(nobs > 0, total / nobs, np.nan)
+
+
+def _group_sd(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
+    """``groupby(codes).std()`` (ddof 1) of pandas, the same floats: Welford's update in table order."""
+    v, g, rank = _by_group(value, codes, n)
+    mean, m2, nobs = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    if not v.size or rank.max() < 1:  # one value per group at most: no s.d. anywhere
+        return np.full(n, np.nan)
+    for k in range(int(rank.max()) + 1):
+        at = (rank == k) & ~np.isnan(v)
+        gi, val = g[at], v[at]
+        nobs[gi] += 1
+        old = mean[gi]
+        new = old + (val - old) / nobs[gi]
+        m2[gi] += (val - new) * (val - old)
+        mean[gi] = new
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(nobs > 1, np.sqrt(m2 / (nobs - 1)), np.nan)
 
 
 def finish(
