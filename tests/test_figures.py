@@ -346,6 +346,42 @@ def test_one_seed_draws_no_band_and_repeated_rows_count_once():
     plt.close(fig)
 
 
+def _pandas_mean_sd(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """The two groupbys the figures drew from before: the reference for seed_mean_sd."""
+    per_seed = frame.groupby(["epoch", "seed"], as_index=False)["value"].mean()
+    stats = per_seed.groupby("epoch")["value"].agg(["mean", "std"]).sort_index()
+    return stats.index.to_numpy(dtype=float), stats["mean"].to_numpy(), stats["std"].to_numpy()
+
+
+@pytest.mark.parametrize("order", ["table", "shuffled"])
+def test_seed_mean_sd_is_the_pandas_groupby_to_the_bit(order):
+    # pandas sums a group two ways (sorted rows without NaN: np.add.reduceat; else Kahan), so both orders and
+    # NaN values are checked; repeated rows of one seed at one epoch, groups of 1 to ~40 rows, wide magnitudes
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(1, 120))
+        frame = pd.DataFrame({"epoch": rng.integers(0, 6, n) * 5, "seed": rng.integers(1, 4, n),
+                              "value": rng.normal(size=n) * 10.0 ** rng.integers(-4, 5, n) + 1e3 * trial})
+        if order == "table":
+            frame = frame.sort_values(["epoch", "seed"], kind="stable")
+        if trial % 3 == 0:
+            frame.loc[frame.sample(frac=0.2, random_state=trial).index, "value"] = np.nan
+        got = figures.seed_mean_sd(*(frame[c].to_numpy() for c in ("epoch", "seed", "value")))
+        for g, want in zip(got, _pandas_mean_sd(frame), strict=True):
+            np.testing.assert_array_equal(g, want)
+
+
+def test_series_rows_leave_open_keys_the_series_do_not_name():
+    rows = [_row(epoch=1, grouping="true", value=1.0), _row(epoch=2, grouping="target", value=2.0),
+            _row(epoch=3, grouping="true", perturbation="pgd", value=3.0),
+            _row(epoch=4, grouping="true", value=np.inf)]
+    by = figures.SeriesRows(pd.DataFrame(rows), "epoch")
+    line = by.line(figures.Series("any grouping", "nc1", "clean", None, scale=10.0))
+    np.testing.assert_array_equal(line.x, [1, 2])  # table order, the infinite value dropped
+    np.testing.assert_array_equal(line.value, [10.0, 20.0])
+    np.testing.assert_array_equal(by.line(figures.Series("true", "nc1", "clean", "true")).x, [1])
+
+
 def test_figures_of_the_targeted_kind_name_its_own_budget(tmp_path):
     cfg = load_config(ROOT / "config" / "config.yaml")  # the demo: targeted at 2x epsilon, 3x the steps
     spec = grid.figures_spec_of(cfg)
