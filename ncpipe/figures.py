@@ -173,6 +173,7 @@ class SeriesRows:
 
 
 def _lines(rows: SeriesRows, series: tuple[Series, ...]) -> dict[str, Line]:
+    """Each label of ``series`` with finite rows; series sharing a label are one line, in series order."""
     parts: dict[str, list[Line]] = {}
     for s in series:
         line = rows.line(s)
@@ -292,14 +293,17 @@ def seed_mean_sd(
     Repeated rows of one seed at one ``x`` are averaged first so that every seed counts once (``seed`` None:
     every row counts once); the s.d. is the sample s.d. (ddof 1), as seaborn's ``lineplot(errorbar="sd")``
     draws it, NaN for a single seed (no band).  NaN values are skipped and rows with a NaN key dropped, as
-    ``DataFrame.groupby`` does; the numbers are bit-identical to the two pandas groupbys this replaced.
+    ``DataFrame.groupby`` does.  The floats are those of pandas' ``groupby([x, "seed"]).mean()`` and then
+    ``groupby(x).agg(["mean", "std"])`` (tests/test_figures.py checks it), without their ~5 ms a line.
     """
     value = np.asarray(value, dtype=float)
-    if seed is not None:
-        (x, _), codes = _group_codes(np.asarray(x), np.asarray(seed))
-        value = _group_mean(value, codes, x.size)
-    (xs,), codes = _group_codes(np.asarray(x))
-    return xs.astype(float), _group_mean(value, codes, xs.size), _group_sd(value, codes, xs.size)
+    # an infinite value makes inf - inf (NaN) in the updates, which pandas' loops discard silently too
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if seed is not None:
+            (x, _), codes = _group_codes(np.asarray(x), np.asarray(seed))
+            value = _group_mean(value, codes, x.size)
+        (xs,), codes = _group_codes(np.asarray(x))
+        return xs.astype(float), _group_mean(value, codes, xs.size), _group_sd(value, codes, xs.size)
 
 
 def _group_codes(*keys: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -351,8 +355,7 @@ def _group_mean(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
         c = t - total[gi] - y
         comp[gi] = np.where(np.isnan(c), 0.0, c)  # an infinite value: keep the sum infinite, not NaN
         total[gi] = t
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(nobs > 0, total / nobs, np.nan)
+    return np.where(nobs > 0, total / np.maximum(nobs, 1), np.nan)
 
 
 def _group_sd(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
@@ -369,8 +372,7 @@ def _group_sd(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
         new = old + (val - old) / nobs[gi]
         m2[gi] += (val - new) * (val - old)
         mean[gi] = new
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(nobs > 1, np.sqrt(m2 / (nobs - 1)), np.nan)
+    return np.where(nobs > 1, np.sqrt(m2 / np.maximum(nobs - 1, 1)), np.nan)
 
 
 def finish(
