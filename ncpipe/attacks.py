@@ -240,6 +240,52 @@ def _trades_projection(norm: str, l2_projection: str
     return TRADES_L2_PROJECTIONS[l2_projection] if norm == "l2" else _project_delta
 
 
+def _step_zero_gradient_randomly(delta: torch.Tensor, grad: torch.Tensor, step: float,
+                                 generator: torch.Generator | None) -> torch.Tensor:
+    """The authors' TRADES l_2 step: where a sample's gradient is exactly zero its normalised gradient (a NaN
+    for them) is replaced by an unnormalised N(0, I) sample, so it still moves, by about step * sqrt(D).
+
+    The noise is drawn only when some gradient is zero, so without one the generator's stream and the result
+    are those of the plain step.  The authors subtract (SGD on -KL) where this adds; N(0, I) is symmetric.
+    """
+    stepped = _ascent_step(delta, grad, "l2", step)
+    zero = _l2_norms(grad) == 0
+    if bool(zero.any()):
+        # added to the plain step's result (which left these rows where they were), so that every other row
+        # keeps the plain step's rounding bit for bit
+        stepped[zero] += step * _randn(stepped[zero].shape, stepped, generator)
+    return stepped
+
+
+def _step_zero_gradient_still(delta: torch.Tensor, grad: torch.Tensor, step: float,
+                              generator: torch.Generator | None) -> torch.Tensor:
+    return _ascent_step(delta, grad, "l2", step)
+
+
+# TRADES's l_2 rule for a sample whose KL gradient is exactly zero (config ``train.trades_l2_zero_gradient``,
+# names from the schema's enum).  The authors' l_inf TRADES step (sign(0) = 0) and their PGD have no such
+# rule, so l_inf always takes the plain step.
+TRADES_L2_ZERO_GRADIENTS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, torch.Generator | None],
+                                             torch.Tensor]] = {
+    "random": _step_zero_gradient_randomly,
+    "zero_step": _step_zero_gradient_still,
+}
+if set(TRADES_L2_ZERO_GRADIENTS) != set(schema_enum("train", "trades_l2_zero_gradient")):
+    raise RuntimeError("attacks.TRADES_L2_ZERO_GRADIENTS differs from the schema's "
+                       "train.trades_l2_zero_gradient")
+AUTHORS_TRADES_L2_ZERO_GRADIENT = "random"
+
+
+def _trades_ascent(norm: str, l2_zero_gradient: str
+                   ) -> Callable[[torch.Tensor, torch.Tensor, float, torch.Generator | None], torch.Tensor]:
+    if l2_zero_gradient not in TRADES_L2_ZERO_GRADIENTS:
+        raise ValueError(f"unknown TRADES l_2 zero-gradient rule {l2_zero_gradient!r} "
+                         f"(train.trades_l2_zero_gradient); known: {', '.join(TRADES_L2_ZERO_GRADIENTS)}")
+    if norm == "l2":
+        return TRADES_L2_ZERO_GRADIENTS[l2_zero_gradient]
+    return lambda delta, grad, step, generator: _ascent_step(delta, grad, norm, step)
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def _next_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
     return (y + 1) % num_classes
@@ -385,9 +431,11 @@ def _kl_rows(logits_ref: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor
 def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: float, step: float, steps: int,
                         generator: torch.Generator | None, amp_dtype: torch.dtype | None,
                         project_start: bool = False,
-                        l2_projection: str = AUTHORS_TRADES_L2_PROJECTION) -> torch.Tensor:
+                        l2_projection: str = AUTHORS_TRADES_L2_PROJECTION,
+                        l2_zero_gradient: str = AUTHORS_TRADES_L2_ZERO_GRADIENT) -> torch.Tensor:
     """The KL inner maximisation, assuming the caller has set the model mode and put ``x`` on its device."""
     project_delta = _trades_projection(norm, l2_projection)
+    ascend = _trades_ascent(norm, l2_zero_gradient)
     with torch.no_grad(), _autocast(x, amp_dtype):
         ref = model(x).float()  # the clean distribution is a fixed target of the inner problem
     delta = 0.001 * _randn(x.shape, x, generator)
@@ -402,7 +450,7 @@ def _trades_attack_eval(model: nn.Module, x: torch.Tensor, norm: str, epsilon: f
                 logits = model(x + delta)
             (grad,) = torch.autograd.grad(_kl_rows(ref, logits).sum(), delta)
             with torch.no_grad():
-                delta = project_delta(x, _ascent_step(delta.detach(), grad, norm, step), norm, epsilon)
+                delta = project_delta(x, ascend(delta.detach(), grad, step, generator), norm, epsilon)
     with torch.no_grad():
         # the exact guard; it moves a box_then_ball point by at most 1e-5 of eps (towards x, inside the box)
         return project(x, x + delta.detach(), norm=norm, epsilon=epsilon)
@@ -418,6 +466,7 @@ def trades_attack(
     steps: int,
     project_start: bool = False,
     l2_projection: str = AUTHORS_TRADES_L2_PROJECTION,
+    l2_zero_gradient: str = AUTHORS_TRADES_L2_ZERO_GRADIENT,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -436,6 +485,10 @@ def trades_attack(
     :func:`pgd`).  Where a step leaves both the ball and the box they land on different feasible points:
     box first rescales what the clamp left, ball first clamps after rescaling and so ends shorter.
 
+    ``l2_zero_gradient`` (l_2 only): where a sample's KL gradient is exactly zero (a saturated softmax),
+    ``"random"``, the authors' rule, steps by ``step * z`` with z ~ N(0, I) drawn from ``generator`` (only
+    when such a sample occurs), ``"zero_step"``, ncpipe's, leaves it where it is for that step.
+
     The model is in eval mode during the attack and each submodule's mode is restored afterwards; see
     :func:`trades_loss` for the authors' variant that never restores it.  The output is inside the ball and
     the box exactly, like :func:`pgd`'s.
@@ -444,7 +497,7 @@ def trades_attack(
     x = x.detach().to(device=_model_device(model, x), dtype=_work_dtype(x))
     with _mode(model, False):
         return _trades_attack_eval(model, x, norm, epsilon, step, steps, generator, amp_dtype, project_start,
-                                   l2_projection)
+                                   l2_projection, l2_zero_gradient)
 
 
 class TradesLoss(NamedTuple):
@@ -469,6 +522,7 @@ def trades_loss(
     bn_quirk: bool = False,
     project_start: bool = False,
     l2_projection: str = AUTHORS_TRADES_L2_PROJECTION,
+    l2_zero_gradient: str = AUTHORS_TRADES_L2_ZERO_GRADIENT,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> TradesLoss:
@@ -479,7 +533,8 @@ def trades_loss(
     logits (as in TRADES).  The adversarial logits are returned so that a caller logging robust accuracy needs
     no third forward pass (which, in train mode, would update the BN running stats once more).
 
-    ``project_start``, ``l2_projection``: see :func:`trades_attack` (their defaults are the authors').
+    ``project_start``, ``l2_projection``, ``l2_zero_gradient``: see :func:`trades_attack` (their defaults are
+    the authors').
 
     ``bn_quirk=False`` (ncpipe's variant; the training default is True, the authors'): the attack runs in eval
     mode and the model's previous modes are restored before the two loss forward passes, so a training model
@@ -499,7 +554,7 @@ def trades_loss(
     model.eval()
     try:
         x_adv = _trades_attack_eval(model, x.detach().to(_work_dtype(x)), norm, epsilon, step, steps,
-                                    generator, amp_dtype, project_start, l2_projection)
+                                    generator, amp_dtype, project_start, l2_projection, l2_zero_gradient)
     finally:
         if not bn_quirk:
             for m, flag in saved:

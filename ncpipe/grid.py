@@ -229,7 +229,8 @@ def train_spec_of(config: dict[str, Any], wildcards: Any) -> TrainSpec:
         at_attack_mode=tr["at_attack_mode"] if method == "at" else None,
         at_final_pass=tr["at_final_pass"] if method == "at" else None,
         trades=TradesSpec(tr["trades_beta"], tr["trades_bn_quirk"], tr["trades_step"],
-                          tr["trades_project_start"], tr["trades_l2_projection"])
+                          tr["trades_project_start"], tr["trades_l2_projection"],
+                          tr["trades_l2_zero_gradient"])
         if method == "trades" else None,
     )
 

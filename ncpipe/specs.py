@@ -283,11 +283,15 @@ class TradesSpec(Spec):
     step: float | None = None
     project_start: bool = False
     l2_projection: str = field(default_factory=lambda: schema_default("train", "trades_l2_projection"))
+    l2_zero_gradient: str = field(default_factory=lambda: schema_default("train", "trades_l2_zero_gradient"))
 
     def __post_init__(self) -> None:
-        allowed = load_schema()["properties"]["train"]["properties"]["trades_l2_projection"]["enum"]
-        if self.l2_projection not in allowed:
-            raise SpecError(f"train.trades_l2_projection: {self.l2_projection!r} is not one of {allowed}")
+        train = load_schema()["properties"]["train"]["properties"]
+        for key, value in (("trades_l2_projection", self.l2_projection),
+                           ("trades_l2_zero_gradient", self.l2_zero_gradient)):
+            allowed = train[key]["enum"]
+            if value not in allowed:
+                raise SpecError(f"train.{key}: {value!r} is not one of {allowed}")
 
     def threat(self, adversary: Adversary) -> Threat:
         """The threat TRADES's inner attack runs with: the training threat with TRADES's own step."""

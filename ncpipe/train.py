@@ -222,7 +222,7 @@ def train_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, spec:
         out = attacks.trades_loss(model, xb, yb, beta=tr.beta, norm=kl.norm, epsilon=kl.epsilon_px,
                                   step=kl.step_px, steps=kl.steps, bn_quirk=tr.bn_quirk,
                                   project_start=tr.project_start, l2_projection=tr.l2_projection,
-                                  generator=gen, amp_dtype=amp)
+                                  l2_zero_gradient=tr.l2_zero_gradient, generator=gen, amp_dtype=amp)
         # robust accuracy is logged from the loss's own adversarial logits: a third forward pass would update
         # the BN running stats once more in train mode
         return {"loss": out.loss, "logits": out.logits_clean, "robust_logits": out.logits_adv.detach(),

@@ -4,6 +4,7 @@ here as a plain reference from their description (paper.md 1.4), on a case where
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Any
 
@@ -278,3 +279,171 @@ def test_an_unknown_trades_l2_projection_is_refused_naming_the_key():
     model, x = _edge_case()
     with pytest.raises(ValueError, match="trades_l2_projection"):
         attacks.trades_attack(model, x, norm="l2", epsilon=0.3, step=1.0, steps=1, l2_projection="radial")
+
+
+# ------------------------------------------------------------------ TRADES's l_2 zero-gradient rule (row 29)
+def _saturated_case() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Two 2 x 2 images under z = 1e4 * (x_1 - x_2, 0): image 1's logit gap (8500) saturates the float64
+    softmax, so its KL gradient is exactly zero, and stays so anywhere in the 0.3-ball (the gap cannot fall
+    below 4000 there); image 2 starts at a gap of 0, so its gradient is never zero."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1e4, -1e4, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+        model[1].bias.zero_()
+    x = torch.tensor([[0.95, 0.1, 0.5, 0.5], [0.5, 0.5, 0.2, 0.6]], dtype=torch.float64).view(2, 1, 2, 2)
+    return model, x
+
+
+def _numpy_trades_l2_zero_rule(w: np.ndarray, b: np.ndarray, x: np.ndarray, noise: np.ndarray, eps: float,
+                               step: float, steps: int, draw: Any) -> np.ndarray:
+    """The authors' l_2 TRADES on z = W x + b (box, then ball): each step normalises the closed-form KL
+    gradient W^T (q - p) per image and, where ``draw`` is given, replaces the rows whose gradient is exactly
+    zero by ``draw(k)`` (k standard normal rows); without it those rows do not move."""
+    def softmax(xx: np.ndarray) -> np.ndarray:
+        z = xx.reshape(len(xx), -1) @ w.T + b
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p = softmax(x)
+    delta = 0.001 * noise
+    for _ in range(steps):
+        g = ((softmax(x + delta) - p) @ w).reshape(x.shape)
+        n = np.sqrt((g.reshape(len(g), -1) ** 2).sum(axis=1))
+        direction = g / np.maximum(n, 1e-300).reshape(-1, 1, 1, 1)
+        zero = n == 0
+        if draw is not None and zero.any():
+            direction[zero] = draw(int(zero.sum()))
+        delta = _numpy_project(x, delta + step * direction, eps, "box_then_ball")
+    return x + delta
+
+
+def _standard_rows(shape: tuple[int, ...], gen: torch.Generator, k: int) -> np.ndarray:
+    return torch.randn((k, *shape), generator=gen, dtype=torch.float64).numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_trades_l2_zero_gradient_rules_match_a_numpy_reference_and_move_only_the_zero_rows(steps):
+    model, x = _saturated_case()
+    eps, step = 0.3, 1.0
+    w, b = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
+    got, noise = {}, None
+    for rule in attacks.TRADES_L2_ZERO_GRADIENTS:
+        # the reference takes the attack's draws in the attack's order: the start, then one row per step
+        g_ref = torch.Generator().manual_seed(7)
+        noise = torch.randn(x.shape, generator=g_ref, dtype=torch.float64).numpy()
+        draw = functools.partial(_standard_rows, x.shape[1:], g_ref) if rule == "random" else None
+        ref = _numpy_trades_l2_zero_rule(w, b, x.numpy(), noise, eps, step, steps, draw)
+        got[rule] = attacks.trades_attack(model, x, norm="l2", epsilon=eps, step=step, steps=steps,
+                                          l2_zero_gradient=rule, generator=torch.Generator().manual_seed(7))
+        np.testing.assert_allclose(got[rule].numpy(), ref, rtol=0, atol=1e-5)
+        assert bool(((got[rule] >= 0) & (got[rule] <= 1)).all())
+        assert bool(((got[rule] - x).flatten(1).norm(dim=1) <= eps).all())
+    assert noise is not None
+    # image 1: zero_step leaves it at its (box-clamped) start; the authors' random step (length ~ 2) is cut
+    # back to the ball's surface
+    start = np.clip(x.numpy() + 0.001 * noise, 0.0, 1.0)
+    np.testing.assert_allclose(got["zero_step"][0].numpy(), start[0], rtol=0, atol=1e-12)
+    assert (got["random"][0] - x[0]).norm().item() == pytest.approx(eps, rel=1e-4)
+    # image 2's gradient is never zero: the two rules give it bit-identical steps
+    assert torch.equal(got["random"][1], got["zero_step"][1])
+
+
+class _Saturate(torch.nn.Module):
+    """A trained model whose logits are multiplied by 1e6 on the rows ``rows``: their softmax saturates in
+    float32 (every gap above 1e-4 becomes > 100), so their KL gradient is exactly zero."""
+
+    def __init__(self, model: torch.nn.Module, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.rows = model, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(len(x), 1)
+        scale[self.rows] = 1e6
+        return self.model(x) * scale
+
+
+def test_trades_l2_zero_gradient_on_a_trained_model_steps_only_the_saturated_digits(trained_mnist_model):
+    model, x, _, _ = trained_mnist_model
+    x = x[:12]
+    rows = torch.zeros(len(x), dtype=torch.bool)
+    rows[::3] = True
+    m = _Saturate(model, rows)
+    eps, steps = 128 / 255, 2
+    outs, states = {}, {}
+    for rule in attacks.TRADES_L2_ZERO_GRADIENTS:
+        gen = torch.Generator().manual_seed(3)
+        outs[rule] = attacks.trades_attack(m, x, norm="l2", epsilon=eps, step=2 * eps / steps, steps=steps,
+                                           l2_zero_gradient=rule, generator=gen)
+        states[rule] = gen.get_state()
+        d = outs[rule] - x
+        assert bool(((outs[rule] >= 0) & (outs[rule] <= 1)).all())
+        assert bool((d.flatten(1).norm(dim=1) <= eps).all())
+        assert bool((d.double().flatten(1).norm(dim=1) <= eps).all())
+    n = {k: (v - x).flatten(1).norm(dim=1) for k, v in outs.items()}
+    # the saturated digits: a random step of length ~ 25.6/255 * 28, projected back to the sphere, versus none
+    assert bool((n["random"][rows] > 0.99 * eps).all()) and bool((n["zero_step"][rows] < 0.1 * eps).all())
+    # the others are untouched by the rule, bit for bit; only the random rule drew more noise
+    assert torch.equal(outs["random"][~rows], outs["zero_step"][~rows])
+    assert not torch.equal(states["random"], states["zero_step"])
+
+
+def test_trades_l2_zero_gradient_rule_draws_nothing_without_a_zero_gradient_and_linf_ignores_it():
+    cases = [(_edge_case(), "l2", 0.3, 1.0), (_saturated_case(), "linf", 0.1, 0.05)]
+    for (model, x), norm, eps, step in cases:
+        outs, states = [], []
+        for rule in attacks.TRADES_L2_ZERO_GRADIENTS:
+            gen = torch.Generator().manual_seed(1)
+            outs.append(attacks.trades_attack(model, x, norm=norm, epsilon=eps, step=step, steps=3,
+                                              l2_zero_gradient=rule, generator=gen))
+            states.append(gen.get_state())
+        assert torch.equal(*outs) and torch.equal(*states), norm
+
+
+def test_trades_l2_zero_gradient_default_is_the_authors_random_step():
+    assert schema_default("train", "trades_l2_zero_gradient") == "random"
+    assert attacks.AUTHORS_TRADES_L2_ZERO_GRADIENT == "random"
+    for fn in (attacks.trades_attack, attacks.trades_loss, attacks._trades_attack_eval):
+        assert inspect.signature(fn).parameters["l2_zero_gradient"].default == "random"
+    assert TradesSpec(6.0, True).l2_zero_gradient == "random"
+    wc = {"arch": "vgg11bn", "seed": 1}
+    for name in ("config.yaml", "paper.yaml", "paper_l2.yaml", "imagenette.yaml"):
+        c = load_config(ROOT / "config" / name)
+        spec = grid.train_spec_of(c, {**wc, "dataset": c["datasets"][0],
+                                      "regime": grid.regime_id("trades", c["train"]["adversary"])})
+        assert spec.trades is not None and spec.trades.l2_zero_gradient == "random", name
+
+
+def test_trades_l2_zero_gradient_reaches_the_attack_from_the_config(monkeypatch):
+    c = load_config(ROOT / "config" / "paper_l2.yaml")
+    c["train"]["trades_l2_zero_gradient"] = "zero_step"
+    validate_config(c)
+    wc = {"dataset": "cifar10", "arch": "vgg11bn", "seed": 1, "regime": "trades_l2128"}
+    spec = grid.train_spec_of(c, wc)
+    assert TrainSpec.from_json(spec.to_json()) == spec
+    assert '"l2_zero_gradient": "zero_step"' in spec.to_json()  # so it is part of the training resume key
+    seen = _trades_loss_arguments(monkeypatch, spec)
+    assert seen["l2_zero_gradient"] == "zero_step" and seen["norm"] == "l2"
+    monkeypatch.undo()
+    # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same rule
+    model, x = _saturated_case()
+    y = torch.zeros(2, dtype=torch.long)
+    xs = {}
+    for rule in attacks.TRADES_L2_ZERO_GRADIENTS:
+        kw: dict[str, Any] = {"norm": "l2", "epsilon": 0.3, "step": 1.0, "steps": 2, "l2_zero_gradient": rule}
+        out = attacks.trades_loss(model, x, y, **kw, generator=torch.Generator().manual_seed(4))
+        xs[rule] = attacks.trades_attack(model, x, **kw, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(out.x_adv, xs[rule])
+    assert not torch.equal(xs["random"], xs["zero_step"])
+
+
+def test_an_unknown_trades_l2_zero_gradient_is_refused_naming_the_key():
+    bad = {"datasets": ["mnist5k"], "archs": ["vgg11bn"], "methods": ["trades"], "seeds": [1],
+           "train": {"checkpoints": [1], "trades_l2_zero_gradient": "nan"}}
+    with pytest.raises(ConfigError, match=r"train\.trades_l2_zero_gradient.*random.*zero_step"):
+        validate_config(bad)
+    with pytest.raises(SpecError, match=r"train\.trades_l2_zero_gradient.*random"):
+        TradesSpec(6.0, True, l2_zero_gradient="nan")
+    model, x = _saturated_case()
+    for norm in ("l2", "linf"):
+        with pytest.raises(ValueError, match=r"train\.trades_l2_zero_gradient.*random, zero_step"):
+            attacks.trades_attack(model, x, norm=norm, epsilon=0.3, step=1.0, steps=1, l2_zero_gradient="nan")
