@@ -293,86 +293,39 @@ def seed_mean_sd(
     Repeated rows of one seed at one ``x`` are averaged first so that every seed counts once (``seed`` None:
     every row counts once); the s.d. is the sample s.d. (ddof 1), as seaborn's ``lineplot(errorbar="sd")``
     draws it, NaN for a single seed (no band).  NaN values are skipped and rows with a NaN key dropped, as
-    ``DataFrame.groupby`` does.  The floats are those of pandas' ``groupby([x, "seed"]).mean()`` and then
-    ``groupby(x).agg(["mean", "std"])`` (tests/test_figures.py checks it), without their ~5 ms a line.
+    ``DataFrame.groupby`` does; an ``x`` with only NaN values keeps a NaN mean (a gap in the line).  These
+    are the statistics of pandas' two groupbys, which the figures drew from before, to rounding (tested),
+    without their ~5 ms a line; a seed's single value at an ``x`` is passed through exactly.
     """
-    value = np.asarray(value, dtype=float)
-    # an infinite value makes inf - inf (NaN) in the updates, which pandas' loops discard silently too
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if seed is not None:
-            (x, _), codes = _group_codes(np.asarray(x), np.asarray(seed))
-            value = _group_mean(value, codes, x.size)
-        (xs,), codes = _group_codes(np.asarray(x))
-        return xs.astype(float), _group_mean(value, codes, xs.size), _group_sd(value, codes, xs.size)
-
-
-def _group_codes(*keys: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """The distinct key tuples in ascending (lexicographic) order, and each row's group (-1: a NaN key)."""
-    ok = np.logical_and.reduce([_notna(k) for k in keys])
-    uniques, inverses = zip(*(np.unique(k[ok], return_inverse=True) for k in keys), strict=True)
-    inverses = [i.ravel() for i in inverses]
-    if len(keys) == 1:
-        groups, inv = uniques, inverses[0]
+    x, value = np.asarray(x), np.asarray(value, dtype=float)
+    ok = _notna(x) if seed is None else _notna(x) & _notna(np.asarray(seed))
+    x, value = x[ok], value[ok]
+    xs, xi = np.unique(x, return_inverse=True)
+    xi = xi.ravel()
+    if seed is None:
+        sample_x, sample = xi, value
     else:
-        flat, inv = np.unique(np.ravel_multi_index(inverses, [u.size for u in uniques]), return_inverse=True)
-        groups = tuple(u[i] for u, i in zip(uniques, np.unravel_index(flat, [u.size for u in uniques]),
-                                            strict=True))
-    codes = np.full(ok.size, -1, dtype=np.intp)
-    codes[ok] = inv.ravel()
-    return groups, codes
+        _, si = np.unique(np.asarray(seed)[ok], return_inverse=True)
+        width = int(si.max()) + 1 if si.size else 1
+        pairs, pi = np.unique(xi * width + si.ravel(), return_inverse=True)  # one code per (x, seed)
+        sample_x, sample = pairs // width, _nanmean_by(pi.ravel(), value, pairs.size)
+    mean = _nanmean_by(sample_x, sample, xs.size)
+    present = ~np.isnan(sample)
+    n = np.bincount(sample_x, weights=present, minlength=xs.size)
+    with np.errstate(invalid="ignore"):  # an infinite value: inf - inf, a NaN s.d., as pandas gives
+        dev = np.where(present, sample - mean[sample_x], 0.0) ** 2
+        sd = np.sqrt(np.bincount(sample_x, weights=dev, minlength=xs.size) / np.maximum(n - 1, 1))
+    sd[n < 2] = np.nan
+    return xs.astype(float), mean, sd
 
 
-def _by_group(value: np.ndarray, codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows with a group, ordered by group (table order within one), their groups and ranks in them."""
-    order = np.argsort(codes, kind="stable")
-    order = order[codes[order] >= 0]
-    g = codes[order]
-    counts = np.bincount(g, minlength=n)
-    return value[order], g, np.arange(g.size) - (np.cumsum(counts) - counts)[g]
+def _nanmean_by(groups: np.ndarray, value: np.ndarray, n: int) -> np.ndarray:
+    present = ~np.isnan(value)
+    total = np.bincount(groups, weights=np.where(present, value, 0.0), minlength=n)
+    count = np.bincount(groups, weights=present, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
 
-
-def _group_mean(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
-    """``groupby(codes).mean()`` of pandas 3.1, the same floats: the two sums it chooses between.
-
-    pandas adds a group's values with ``np.add.reduceat`` when the rows come sorted by group and none is NaN,
-    and else with Kahan's compensated sum, skipping NaN; an empty (all-NaN) group's mean is NaN.
-    """
-    v, g, rank = _by_group(value, codes, n)
-    if not v.size:
-        return np.full(n, np.nan)
-    if np.all(codes[1:] >= codes[:-1]) and not np.isnan(value).any():
-        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-        out = np.full(n, np.nan)
-        out[g[starts]] = np.add.reduceat(v, starts) / np.diff(starts, append=v.size).astype(float)
-        return out
-    total, comp, nobs = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
-    for k in range(int(rank.max()) + 1):  # the k-th value of every group at once: table order per group
-        at = (rank == k) & ~np.isnan(v)
-        gi, val = g[at], v[at]
-        nobs[gi] += 1
-        y = val - comp[gi]
-        t = total[gi] + y
-        c = t - total[gi] - y
-        comp[gi] = np.where(np.isnan(c), 0.0, c)  # an infinite value: keep the sum infinite, not NaN
-        total[gi] = t
-    return np.where(nobs > 0, total / np.maximum(nobs, 1), np.nan)
-
-
-def _group_sd(value: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
-    """``groupby(codes).std()`` (ddof 1) of pandas, the same floats: Welford's update in table order."""
-    v, g, rank = _by_group(value, codes, n)
-    mean, m2, nobs = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
-    if not v.size or rank.max() < 1:  # one value per group at most: no s.d. anywhere
-        return np.full(n, np.nan)
-    for k in range(int(rank.max()) + 1):
-        at = (rank == k) & ~np.isnan(v)
-        gi, val = g[at], v[at]
-        nobs[gi] += 1
-        old = mean[gi]
-        new = old + (val - old) / nobs[gi]
-        m2[gi] += (val - new) * (val - old)
-        mean[gi] = new
-    return np.where(nobs > 1, np.sqrt(m2 / np.maximum(nobs - 1, 1)), np.nan)
 
 
 def finish(

@@ -354,9 +354,9 @@ def _pandas_mean_sd(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
 
 
 @pytest.mark.parametrize("order", ["table", "shuffled"])
-def test_seed_mean_sd_is_the_pandas_groupby_to_the_bit(order):
-    # pandas sums a group two ways (sorted rows without NaN: np.add.reduceat; else Kahan), so both orders and
-    # NaN values are checked; repeated rows of one seed at one epoch, groups of 1 to ~40 rows, wide magnitudes
+def test_seed_mean_sd_is_the_pandas_groupby(order):
+    # repeated rows of one seed at one epoch, groups of 1 to ~40 rows, NaN values and an all-NaN epoch, wide
+    # magnitudes: the statistics of the two groupbys the figures drew from before, to rounding
     rng = np.random.default_rng(7)
     for trial in range(40):
         n = int(rng.integers(1, 120))
@@ -366,9 +366,21 @@ def test_seed_mean_sd_is_the_pandas_groupby_to_the_bit(order):
             frame = frame.sort_values(["epoch", "seed"], kind="stable")
         if trial % 3 == 0:
             frame.loc[frame.sample(frac=0.2, random_state=trial).index, "value"] = np.nan
+            frame.loc[frame["epoch"] == frame["epoch"].iloc[0], "value"] = np.nan
         got = figures.seed_mean_sd(*(frame[c].to_numpy() for c in ("epoch", "seed", "value")))
         for g, want in zip(got, _pandas_mean_sd(frame), strict=True):
-            np.testing.assert_array_equal(g, want)
+            # NaN where pandas has NaN; an s.d. of ~0.1 among values ~1e3 loses ~4 digits to cancellation
+            # in either summation order
+            np.testing.assert_allclose(g, want, rtol=1e-9, atol=0)
+
+
+def test_seed_mean_sd_passes_one_seed_through_exactly():
+    # the default run's case: every curve is one seed, one row per epoch, drawn as its values bit for bit
+    value = np.array([0.1, 1 / 3, 2.5e-7, np.nan, 7.0])
+    xs, mean, sd = figures.seed_mean_sd(np.array([20, 1, 5, 10, 2]), np.ones(5, dtype=int), value)
+    np.testing.assert_array_equal(xs, [1, 2, 5, 10, 20])
+    np.testing.assert_array_equal(mean, value[[1, 4, 2, 3, 0]])
+    assert np.isnan(sd).all()
 
 
 def test_series_rows_leave_open_keys_the_series_do_not_name():
