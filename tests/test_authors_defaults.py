@@ -155,8 +155,11 @@ def _numpy_project(x: np.ndarray, delta: np.ndarray, eps: float, order: str) -> 
 
 
 def _numpy_trades_l2(w: np.ndarray, b: np.ndarray, x: np.ndarray, noise: np.ndarray, eps: float, step: float,
-                     steps: int, order: str) -> np.ndarray:
-    """TRADES's l_2 attack on the linear model z = W x + b, from its closed-form KL gradient W^T (q - p)."""
+                     steps: int, order: str = "box_then_ball", draw: Any = None) -> np.ndarray:
+    """TRADES's l_2 attack on the linear model z = W x + b, from its closed-form KL gradient W^T (q - p):
+    each step normalises the gradient per image and, where ``draw`` is given (the authors' zero-gradient
+    rule), replaces the rows whose gradient is exactly zero by ``draw(k)`` (k standard normal rows); without
+    it those rows do not move.  ``order``: the in-loop projection."""
     def softmax(xx: np.ndarray) -> np.ndarray:
         z = xx.reshape(len(xx), -1) @ w.T + b
         e = np.exp(z - z.max(axis=1, keepdims=True))
@@ -166,8 +169,12 @@ def _numpy_trades_l2(w: np.ndarray, b: np.ndarray, x: np.ndarray, noise: np.ndar
     delta = 0.001 * noise
     for _ in range(steps):
         g = ((softmax(x + delta) - p) @ w).reshape(x.shape)
-        delta = delta + step * g / np.sqrt((g.reshape(len(g), -1) ** 2).sum(axis=1)).reshape(-1, 1, 1, 1)
-        delta = _numpy_project(x, delta, eps, order)
+        n = np.sqrt((g.reshape(len(g), -1) ** 2).sum(axis=1))
+        direction = g / np.maximum(n, 1e-300).reshape(-1, 1, 1, 1)
+        zero = n == 0
+        if draw is not None and zero.any():
+            direction[zero] = draw(int(zero.sum()))
+        delta = _numpy_project(x, delta + step * direction, eps, order)
     return x + delta
 
 
@@ -228,45 +235,39 @@ def test_trades_l2_both_orders_stay_inside_ball_and_box(trained_mnist_model):
         assert differ.float().mean().item() > 0.5
 
 
-def test_trades_l2_projection_default_is_the_authors_box_then_ball_and_linf_ignores_it():
-    assert schema_default("train", "trades_l2_projection") == "box_then_ball"
-    assert attacks.AUTHORS_TRADES_L2_PROJECTION == "box_then_ball"
-    for fn in (attacks.trades_attack, attacks.trades_loss):
-        assert inspect.signature(fn).parameters["l2_projection"].default == "box_then_ball"
-    assert TradesSpec(6.0, True).l2_projection == "box_then_ball"
+# Each l_2 TRADES switch: config key -> (the attack's argument, the authors' value (the default), ncpipe's
+# value, the registry of its values, a case on which the values give different points)
+L2_TRADES_SWITCHES = {
+    "trades_l2_projection": ("l2_projection", "box_then_ball", "ball_then_box", attacks.TRADES_L2_PROJECTIONS,
+                             "_edge_case"),
+    "trades_l2_zero_gradient": ("l2_zero_gradient", "random", "zero_step", attacks.TRADES_L2_ZERO_GRADIENTS,
+                                "_saturated_case"),
+}
+
+
+@pytest.mark.parametrize("key", list(L2_TRADES_SWITCHES))
+def test_an_l2_trades_switch_defaults_to_the_authors_value_everywhere(key):
+    arg, authors, _, registry, _ = L2_TRADES_SWITCHES[key]
+    assert schema_default("train", key) == authors and authors in registry
+    assert getattr(attacks, f"AUTHORS_TRADES_{arg.upper()}") == authors
+    for fn in (attacks.trades_attack, attacks.trades_loss, attacks._trades_attack_eval):
+        assert inspect.signature(fn).parameters[arg].default == authors
+    assert getattr(TradesSpec(6.0, True), arg) == authors
     wc = {"arch": "vgg11bn", "seed": 1}
     for name in ("config.yaml", "paper.yaml", "paper_l2.yaml", "imagenette.yaml"):
         c = load_config(ROOT / "config" / name)
         spec = grid.train_spec_of(c, {**wc, "dataset": c["datasets"][0],
                                       "regime": grid.regime_id("trades", c["train"]["adversary"])})
-        assert spec.trades is not None and spec.trades.l2_projection == "box_then_ball", name
+        assert spec.trades is not None and getattr(spec.trades, arg) == authors, name
+
+
+def test_linf_trades_ignores_the_l2_projection_order():
     # l_inf: the two projections commute, and both names run the same code (bit-identical)
     model, x = _edge_case()
     kw: dict[str, Any] = {"norm": "linf", "epsilon": 0.1, "step": 0.05, "steps": 3}
     a, b = (attacks.trades_attack(model, x, **kw, l2_projection=o, generator=torch.Generator().manual_seed(1))
             for o in attacks.TRADES_L2_PROJECTIONS)
     assert torch.equal(a, b)
-
-
-def test_trades_l2_projection_reaches_the_attack_from_the_config(monkeypatch):
-    c = load_config(ROOT / "config" / "paper_l2.yaml")
-    c["train"]["trades_l2_projection"] = "ball_then_box"
-    validate_config(c)
-    wc = {"dataset": "cifar10", "arch": "vgg11bn", "seed": 1, "regime": "trades_l2128"}
-    spec = grid.train_spec_of(c, wc)
-    assert TrainSpec.from_json(spec.to_json()) == spec
-    assert '"l2_projection": "ball_then_box"' in spec.to_json()  # so it is part of the training resume key
-    seen = _trades_loss_arguments(monkeypatch, spec)
-    assert seen["l2_projection"] == "ball_then_box" and seen["norm"] == "l2"
-    monkeypatch.undo()
-    # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same order
-    model, x = _edge_case()
-    y = torch.zeros(2, dtype=torch.long)
-    for order in attacks.TRADES_L2_PROJECTIONS:
-        kw: dict[str, Any] = {"norm": "l2", "epsilon": 0.3, "step": 1.0, "steps": 2, "l2_projection": order}
-        out = attacks.trades_loss(model, x, y, **kw, generator=torch.Generator().manual_seed(4))
-        ref = attacks.trades_attack(model, x, **kw, generator=torch.Generator().manual_seed(4))
-        assert torch.equal(out.x_adv, ref)
 
 
 def test_an_unknown_trades_l2_projection_is_refused_naming_the_key():
@@ -294,29 +295,6 @@ def _saturated_case() -> tuple[torch.nn.Module, torch.Tensor]:
     return model, x
 
 
-def _numpy_trades_l2_zero_rule(w: np.ndarray, b: np.ndarray, x: np.ndarray, noise: np.ndarray, eps: float,
-                               step: float, steps: int, draw: Any) -> np.ndarray:
-    """The authors' l_2 TRADES on z = W x + b (box, then ball): each step normalises the closed-form KL
-    gradient W^T (q - p) per image and, where ``draw`` is given, replaces the rows whose gradient is exactly
-    zero by ``draw(k)`` (k standard normal rows); without it those rows do not move."""
-    def softmax(xx: np.ndarray) -> np.ndarray:
-        z = xx.reshape(len(xx), -1) @ w.T + b
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    p = softmax(x)
-    delta = 0.001 * noise
-    for _ in range(steps):
-        g = ((softmax(x + delta) - p) @ w).reshape(x.shape)
-        n = np.sqrt((g.reshape(len(g), -1) ** 2).sum(axis=1))
-        direction = g / np.maximum(n, 1e-300).reshape(-1, 1, 1, 1)
-        zero = n == 0
-        if draw is not None and zero.any():
-            direction[zero] = draw(int(zero.sum()))
-        delta = _numpy_project(x, delta + step * direction, eps, "box_then_ball")
-    return x + delta
-
-
 def _standard_rows(shape: tuple[int, ...], gen: torch.Generator, k: int) -> np.ndarray:
     return torch.randn((k, *shape), generator=gen, dtype=torch.float64).numpy()
 
@@ -332,7 +310,7 @@ def test_trades_l2_zero_gradient_rules_match_a_numpy_reference_and_move_only_the
         g_ref = torch.Generator().manual_seed(7)
         noise = torch.randn(x.shape, generator=g_ref, dtype=torch.float64).numpy()
         draw = functools.partial(_standard_rows, x.shape[1:], g_ref) if rule == "random" else None
-        ref = _numpy_trades_l2_zero_rule(w, b, x.numpy(), noise, eps, step, steps, draw)
+        ref = _numpy_trades_l2(w, b, x.numpy(), noise, eps, step, steps, draw=draw)
         got[rule] = attacks.trades_attack(model, x, norm="l2", epsilon=eps, step=step, steps=steps,
                                           l2_zero_gradient=rule, generator=torch.Generator().manual_seed(7))
         np.testing.assert_allclose(got[rule].numpy(), ref, rtol=0, atol=1e-5)
@@ -399,41 +377,30 @@ def test_trades_l2_zero_gradient_rule_draws_nothing_without_a_zero_gradient_and_
         assert torch.equal(*outs) and torch.equal(*states), norm
 
 
-def test_trades_l2_zero_gradient_default_is_the_authors_random_step():
-    assert schema_default("train", "trades_l2_zero_gradient") == "random"
-    assert attacks.AUTHORS_TRADES_L2_ZERO_GRADIENT == "random"
-    for fn in (attacks.trades_attack, attacks.trades_loss, attacks._trades_attack_eval):
-        assert inspect.signature(fn).parameters["l2_zero_gradient"].default == "random"
-    assert TradesSpec(6.0, True).l2_zero_gradient == "random"
-    wc = {"arch": "vgg11bn", "seed": 1}
-    for name in ("config.yaml", "paper.yaml", "paper_l2.yaml", "imagenette.yaml"):
-        c = load_config(ROOT / "config" / name)
-        spec = grid.train_spec_of(c, {**wc, "dataset": c["datasets"][0],
-                                      "regime": grid.regime_id("trades", c["train"]["adversary"])})
-        assert spec.trades is not None and spec.trades.l2_zero_gradient == "random", name
-
-
-def test_trades_l2_zero_gradient_reaches_the_attack_from_the_config(monkeypatch):
+@pytest.mark.parametrize("key", list(L2_TRADES_SWITCHES))
+def test_an_l2_trades_switch_reaches_the_attack_from_the_config(monkeypatch, key):
+    arg, _, value, registry, case = L2_TRADES_SWITCHES[key]
     c = load_config(ROOT / "config" / "paper_l2.yaml")
-    c["train"]["trades_l2_zero_gradient"] = "zero_step"
+    c["train"][key] = value
     validate_config(c)
     wc = {"dataset": "cifar10", "arch": "vgg11bn", "seed": 1, "regime": "trades_l2128"}
     spec = grid.train_spec_of(c, wc)
     assert TrainSpec.from_json(spec.to_json()) == spec
-    assert '"l2_zero_gradient": "zero_step"' in spec.to_json()  # so it is part of the training resume key
+    assert f'"{arg}": "{value}"' in spec.to_json()  # so it is part of the training resume key
     seen = _trades_loss_arguments(monkeypatch, spec)
-    assert seen["l2_zero_gradient"] == "zero_step" and seen["norm"] == "l2"
+    assert seen[arg] == value and seen["norm"] == "l2"
     monkeypatch.undo()
-    # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same rule
-    model, x = _saturated_case()
+    # and trades_loss hands it on to the attack: its x_adv is trades_attack's for the same setting
+    model, x = globals()[case]()
     y = torch.zeros(2, dtype=torch.long)
     xs = {}
-    for rule in attacks.TRADES_L2_ZERO_GRADIENTS:
-        kw: dict[str, Any] = {"norm": "l2", "epsilon": 0.3, "step": 1.0, "steps": 2, "l2_zero_gradient": rule}
+    for setting in registry:
+        kw: dict[str, Any] = {"norm": "l2", "epsilon": 0.3, "step": 1.0, "steps": 2, arg: setting}
         out = attacks.trades_loss(model, x, y, **kw, generator=torch.Generator().manual_seed(4))
-        xs[rule] = attacks.trades_attack(model, x, **kw, generator=torch.Generator().manual_seed(4))
-        assert torch.equal(out.x_adv, xs[rule])
-    assert not torch.equal(xs["random"], xs["zero_step"])
+        xs[setting] = attacks.trades_attack(model, x, **kw, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(out.x_adv, xs[setting])
+    first, second = xs.values()
+    assert not torch.equal(first, second)  # the case tells the settings apart
 
 
 def test_an_unknown_trades_l2_zero_gradient_is_refused_naming_the_key():
