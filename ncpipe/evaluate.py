@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import leap, metrics
-from .io import SPLITS, NotSupportedError, attrs_dict, is_layerwise, open_dump
+from .io import SPLITS, DumpError, NotSupportedError, attrs_dict, is_layerwise, open_dump
 from .utils import Table, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,6 +25,12 @@ log = logging.getLogger("ncpipe.evaluate")
 # METRICS_KEYS are the ID columns, grouping and metric)
 ID_COLUMNS = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation"]
 COLUMNS = [*ID_COLUMNS, "grouping", "metric", "value", "regime"]
+# AutoAttack on a fixed subset (``attack.autoattack.per_class`` > 0) is compared with the other kinds on the
+# same images, not on the whole split: these metrics of the whole-split kinds are restricted to the autoattack
+# group's ``indices`` (perturbation names the kind they measure; ``SUBSET_KINDS``). ncpipe.tables and
+# ncpipe.summary spell the names out (another stage's module is not theirs to import).
+SUBSET_SUFFIX = "_autoattack_images"
+SUBSET_KINDS = ("clean", "pgd")
 
 
 def _rows(ident: dict[str, Any], split: str, kind: str, grouping: str, values: dict[str, Any]) -> list[dict]:
@@ -58,6 +64,31 @@ def _leap(features: np.ndarray, labels: np.ndarray, targets: np.ndarray | None,
           train_clean_means: np.ndarray) -> dict[str, float]:
     """Where perturbed points land (nearest clean train mean): own class / the attack's target / elsewhere."""
     return leap.leap_shares(labels, leap.landing_classes(features, train_clean_means), targets)
+
+
+def subset_metric(metric: str) -> str:
+    """``metric`` restricted to AutoAttack's images: ``accuracy`` -> ``accuracy_autoattack_images``."""
+    return metric + SUBSET_SUFFIX
+
+
+def _subset_rows(split: str, data: dict[tuple[str, str], dict[str, np.ndarray]]) -> np.ndarray | None:
+    """The rows of ``split`` that its autoattack group covers (None: no group, or one of the whole split)."""
+    aa = data.get((split, "autoattack"))
+    if aa is None or "indices" not in aa:
+        return None
+    idx = aa["indices"].astype(np.int64)
+    for kind in SUBSET_KINDS:
+        d = data.get((split, kind))
+        if d is None:
+            continue
+        n = len(d["labels"])
+        # the subset must be rows of this split, in the same image order (docs/hdf5-format.md, row alignment)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise DumpError(f"{split}/autoattack/indices point outside {split}/{kind}, which has {n} rows")
+        if not np.array_equal(d["labels"][idx], aa["labels"]):
+            raise DumpError(f"{split}/autoattack/labels differ from {split}/{kind}/labels at its indices: "
+                            "the subset is not rows of this split")
+    return idx
 
 
 def evaluate_dump(path: str | os.PathLike, regime: str | None = None,
@@ -116,4 +147,14 @@ def evaluate_table(path: str | os.PathLike, regime: str | None = None,
             rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
             if kind != "clean":
                 rows += _rows(ident, split, kind, "true", _leap(h, y, d.get("targets"), train_clean_means))
+        idx = _subset_rows(split, data) if kind in SUBSET_KINDS else None
+        if idx is not None and len(idx):
+            hs, ys = h[idx], y[idx]
+            # the network's accuracy by the very computation of the whole-split ``accuracy`` (the NC pass),
+            # so that the subset and whole-split numbers differ by the images alone
+            sub = {"accuracy": _nc(hs, ys, w, b, c, pinv_cutoff).get("accuracy")}
+            if train_clean_means is not None:
+                sub["ncc_train_means_accuracy"] = metrics.ncc_accuracy(hs, ys, train_clean_means)
+            rows += _rows(ident, split, kind, "true",
+                          {subset_metric(m): v for m, v in sub.items() if v is not None})
     return Table(list(COLUMNS), [[r.get(c) for c in COLUMNS] for r in rows])
