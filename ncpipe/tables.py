@@ -34,17 +34,34 @@ ACCURACY_COLUMNS = [
     ("ncc_test_clean", "test", "clean", "ncc_train_means_accuracy", "NCC test clean"),
     ("ncc_test_pgd", "test", "pgd", "ncc_train_means_accuracy", "NCC test PGD"),
 ]
-# Beside PGD where the run has the autoattack kind (columns left out of tables without it)
+# Beside PGD where the run has the autoattack kind (columns left out of tables without it). Where
+# AutoAttack attacked a fixed subset (attack.autoattack.per_class > 0), PGD on that subset (the metrics
+# ``*_autoattack_images`` of ncpipe.evaluate) comes first, so that the AutoAttack gap is read off the same
+# images.
 OPTIONAL_ACCURACY_COLUMNS = [
+    ("train_pgd_autoattack_images", "train", "pgd", "accuracy_autoattack_images",
+     "train PGD on AutoAttack's images"),
     ("train_autoattack", "train", "autoattack", "accuracy", "train AutoAttack"),
+    ("test_pgd_autoattack_images", "test", "pgd", "accuracy_autoattack_images",
+     "test PGD on AutoAttack's images"),
     ("test_autoattack", "test", "autoattack", "accuracy", "test AutoAttack"),
+    ("ncc_test_pgd_autoattack_images", "test", "pgd", "ncc_train_means_accuracy_autoattack_images",
+     "NCC test PGD on AutoAttack's images"),
     ("ncc_test_autoattack", "test", "autoattack", "ncc_train_means_accuracy", "NCC test AutoAttack"),
 ]
+SUBSET_SUFFIX = "_autoattack_images"
 
 
 def _columns(metrics: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
-    present = set(zip(metrics["split"], metrics["perturbation"], strict=True)) if len(metrics) else set()
-    return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS if (c[1], c[2]) in present)]
+    if not len(metrics):
+        return list(ACCURACY_COLUMNS)
+    kinds = set(zip(metrics["split"], metrics["perturbation"], strict=True))
+    subset = {(s, k, m) for s, k, m in zip(metrics["split"], metrics["perturbation"], metrics["metric"],
+                                           strict=True) if str(m).endswith(SUBSET_SUFFIX)}
+    # a subset column needs its own metric (the pgd kind is always there); an AutoAttack column its kind
+    return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS
+                                 if ((c[1], c[2], c[3]) in subset if c[3].endswith(SUBSET_SUFFIX)
+                                     else (c[1], c[2]) in kinds))]
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 
 
@@ -119,12 +136,19 @@ def to_latex(table: pd.DataFrame, dataset: str, norm: str, eps: str) -> str:
         rf"\caption{{{dataset}: accuracy (\%) at epoch {', '.join(map(str, epochs))}, mean $\pm$ s.d. over "
         rf"{', '.join(map(str, seeds))} seed(s); PGD and the NCC robust accuracy under "
         rf"{NORM_TEX.get(norm, norm)} $\epsilon = {eps}/255$. NCC: nearest clean training class mean in "
-        r"the penultimate-layer feature space.}",
+        r"the penultimate-layer feature space." + _subset_note(cols) + "}",
         rf"\label{{tab:accuracy-{dataset}-{norm}{eps}}}",
         r"\end{table}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _subset_note(cols: list[tuple[str, str, str, str, str]]) -> str:
+    if not any(c[3].endswith(SUBSET_SUFFIX) for c in cols):
+        return ""
+    return (r" AutoAttack attacked a fixed subset of the images (the first attack.autoattack.per\_class of "
+            r"each class); PGD on AutoAttack's images: PGD on that same subset.")
 
 
 def write_accuracy_tables(
