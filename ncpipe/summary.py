@@ -144,18 +144,34 @@ AUTOATTACK_COLUMNS = {  # PGD header -> (header, metric, split, perturbation)
 }
 
 
+# Where AutoAttack attacked a fixed subset (attack.autoattack.per_class > 0), metrics.csv also has PGD on
+# that subset (ncpipe.evaluate: ``<metric>_autoattack_images`` of the pgd kind). Its column comes between PGD
+# on the whole split and AutoAttack, whose header then says that it is on the subset: the AutoAttack gap is
+# read off the same images, not partly off another sample.
+SUBSET_SUFFIX = "_autoattack_images"
+SUBSET_PGD_LABEL = "PGD on AutoAttack's images"
+SUBSET_AA_SUFFIX = " on its images"
+
+
 def _accuracy_columns(cell: _Cell) -> list[tuple[str, str, str, str]]:
     present = {(k[2], k[3], k[5]) for k in cell.values if k[3] == "autoattack" and k[4] == "true"}
+    subset = {(k[2], k[5]) for k in cell.values if k[3] == "pgd" and k[4] == "true"
+              and k[5].endswith(SUBSET_SUFFIX)}
     cols = []
     for col in ACCURACY_COLUMNS:
         cols.append(col)
         aa = AUTOATTACK_COLUMNS.get(col[0])
         if aa is not None and (aa[2], aa[3], aa[1]) in present:
+            if (aa[2], aa[1] + SUBSET_SUFFIX) in subset:
+                head = aa[0].split(", ")
+                cols.append((", ".join([*head[:2], SUBSET_PGD_LABEL]), aa[1] + SUBSET_SUFFIX, aa[2], "pgd"))
+                aa = (aa[0] + SUBSET_AA_SUFFIX, *aa[1:])
             cols.append(aa)
     return cols
 
 
-def _accuracy_table(cell: _Cell) -> list[str]:
+def _accuracy_table(cell: _Cell, per_class: int | None = None) -> list[str]:
+    """``per_class``: AutoAttack's images per class where it attacked a subset (None: not known here)."""
     columns = _accuracy_columns(cell)
     header = ["regime", "epoch", *(c[0] for c in columns)]
     rows = [[f"`{r}`", str(cell.last[r]),
@@ -163,6 +179,12 @@ def _accuracy_table(cell: _Cell) -> list[str]:
             for r in cell.regimes]
     aa = ("; *AutoAttack*: robust accuracy under AutoAttack (the `autoattack` kind, on the samples it "
           "attacks)" if len(columns) > len(ACCURACY_COLUMNS) else "")
+    if any(m.endswith(SUBSET_SUFFIX) for _, m, _, _ in columns):
+        first = f"first {per_class}" if per_class else "first `attack.autoattack.per_class`"
+        aa = (f"; *AutoAttack on its images*: robust accuracy under AutoAttack (the `autoattack` kind) on "
+              f"the fixed subset it attacks, the {first} images of each class of the split; "
+              f"*{SUBSET_PGD_LABEL}*: PGD on those same images (`accuracy{SUBSET_SUFFIX}`, "
+              f"`ncc_train_means_accuracy{SUBSET_SUFFIX}`), beside PGD on the whole split")
     return [f"#### {TITLES['accuracy']}", "",
             "Accuracy in %. *network*: argmax of the network's logits (`accuracy`); *NCC*: nearest "
             "clean class mean of the training split at the same checkpoint (`ncc_train_means_accuracy`); "
@@ -263,12 +285,12 @@ def _dump_of(root: Path, df: pd.DataFrame, regime: str) -> Path | None:
     return found[0] if found else None
 
 
-def _provenance_line(root: Path, df: pd.DataFrame) -> str | None:
-    """Scale and attack settings as the final-checkpoint dumps record them (no dumps: no line)."""
+def _final_dump_attrs(root: Path, df: pd.DataFrame) -> dict[str, dict]:
+    """regime -> the root attributes of its final-checkpoint dump (regimes without a readable one: none)."""
     regimes = sorted(df["regime"].unique(), key=_regime_key)
     dumps = {r: d for r in regimes if (d := _dump_of(root, df, r)) is not None}
     if not dumps:
-        return None
+        return {}
     from .io import DumpError, attrs_dict, open_dump  # h5py only when there is a dump to read
 
     attrs = {}
@@ -278,6 +300,23 @@ def _provenance_line(root: Path, df: pd.DataFrame) -> str | None:
                 attrs[r] = attrs_dict(f)
         except DumpError:
             continue
+    return attrs
+
+
+def _autoattack_per_class(attrs: dict[str, dict]) -> int | None:
+    """``attack.autoattack.per_class`` as a final dump's config records it (> 0), or None."""
+    for a in attrs.values():
+        try:
+            n = (json.loads(a.get("config", "{}")).get("autoattack") or {}).get("per_class")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def _provenance_line(attrs: dict[str, dict]) -> str | None:
+    """Scale and attack settings as the final-checkpoint dumps record them (no dumps: no line)."""
     if not attrs:
         return None
     first = attrs[next(iter(attrs))]
@@ -324,14 +363,16 @@ def summarize(results_dir: str | os.PathLike, commit: str | None = None) -> str:
     lw = pd.read_csv(lw_path) if lw_path.is_file() else None
 
     out = [f"Commit: `{commit if commit is not None else commit_of(root)}`", "", _config_line(df, logs)]
-    provenance = _provenance_line(root, df)
+    dump_attrs = _final_dump_attrs(root, df)
+    provenance = _provenance_line(dump_attrs)
     if provenance:
         out += ["", provenance]
     groups = df.groupby(["dataset", "arch", "norm", "epsilon"], sort=True)
     for (dataset, arch, norm, eps), part in groups:
         cell = _Cell(part)
         out += ["", f"### {dataset}, {arch}, {_threat(norm, float(eps))}", ""]
-        out += _nc1_table(cell) + [""] + _accuracy_table(cell) + [""] + _leap_table(cell)
+        out += _nc1_table(cell) + [""] + _accuracy_table(cell, _autoattack_per_class(dump_attrs))
+        out += [""] + _leap_table(cell)
         out += [""] + _ratios_table(cell)
         if lw is not None:
             sel = lw[(lw["dataset"] == dataset) & (lw["arch"] == arch) & (lw["norm"] == norm)
