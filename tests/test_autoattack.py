@@ -100,8 +100,16 @@ def test_autoattack_features_metrics_and_table(tiny_dump, tmp_path):
     aa = df[df["perturbation"] == "autoattack"]
     assert {"nc1", "accuracy", "ncc_train_means_accuracy"} <= set(aa["metric"])
     assert any(m.startswith("align_") for m in aa["metric"])
+    # per_class 1: PGD is also measured on AutoAttack's 10 images (a plain argmax of W h + b there)
+    with open_dump(out) as f:
+        h = f["test/pgd/features"][:][idx].astype(np.float64)
+        logits = h @ f["classifier/weight"][:].astype(np.float64).T + f["classifier/bias"][:]
+        pgd_right = logits.argmax(1) == f["test/pgd/labels"][:][idx]
+    sub = df[(df["perturbation"] == "pgd") & (df["metric"] == "accuracy_autoattack_images")]
+    assert sub["split"].tolist() == ["test"] and sub["value"].iloc[0] == pytest.approx(pgd_right.mean())
     table = accuracy_table(df, "mnist5k", "linf", "64")
     assert "test_autoattack_mean" in table.columns and np.isfinite(table["test_autoattack_mean"]).all()
+    assert np.isfinite(table["test_pgd_autoattack_images_mean"]).all()
     plain = accuracy_table(df[df["perturbation"] != "autoattack"], "mnist5k", "linf", "64")
     assert "test_autoattack_mean" not in plain.columns
     assert isinstance(table, pd.DataFrame)
