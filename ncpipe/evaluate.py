@@ -26,10 +26,8 @@ log = logging.getLogger("ncpipe.evaluate")
 ID_COLUMNS = ["dataset", "arch", "method", "norm", "epsilon", "seed", "epoch", "split", "perturbation"]
 COLUMNS = [*ID_COLUMNS, "grouping", "metric", "value", "regime"]
 # AutoAttack on a fixed subset (``attack.autoattack.per_class`` > 0) is compared with the other kinds on the
-# same images, not on the whole split: these metrics of the whole-split kinds are restricted to the autoattack
-# group's ``indices`` (perturbation names the kind they measure; ``SUBSET_KINDS``). ncpipe.tables and
-# ncpipe.summary spell the names out (another stage's module is not theirs to import).
-SUBSET_SUFFIX = "_autoattack_images"
+# same images, not on the whole split: these kinds' accuracies are also measured on the autoattack group's
+# ``indices`` (``metrics.on_autoattack_images`` names them; perturbation names the kind they measure).
 SUBSET_KINDS = ("clean", "pgd")
 
 
@@ -64,11 +62,6 @@ def _leap(features: np.ndarray, labels: np.ndarray, targets: np.ndarray | None,
           train_clean_means: np.ndarray) -> dict[str, float]:
     """Where perturbed points land (nearest clean train mean): own class / the attack's target / elsewhere."""
     return leap.leap_shares(labels, leap.landing_classes(features, train_clean_means), targets)
-
-
-def subset_metric(metric: str) -> str:
-    """``metric`` restricted to AutoAttack's images: ``accuracy`` -> ``accuracy_autoattack_images``."""
-    return metric + SUBSET_SUFFIX
 
 
 def _subset_rows(split: str, data: dict[tuple[str, str], dict[str, np.ndarray]]) -> np.ndarray | None:
@@ -156,5 +149,5 @@ def evaluate_table(path: str | os.PathLike, regime: str | None = None,
             if train_clean_means is not None:
                 sub["ncc_train_means_accuracy"] = metrics.ncc_accuracy(hs, ys, train_clean_means)
             rows += _rows(ident, split, kind, "true",
-                          {subset_metric(m): v for m, v in sub.items() if v is not None})
+                          {metrics.on_autoattack_images(m): v for m, v in sub.items() if v is not None})
     return Table(list(COLUMNS), [[r.get(c) for c in COLUMNS] for r in rows])

@@ -192,6 +192,17 @@ PINV_CUTOFFS: dict[str, float] = {"float32": float(np.finfo(np.float32).eps),
                                   "float64": float(np.finfo(np.float64).eps)}
 AUTHORS_PINV_CUTOFF = "float32"
 
+# A measure of a whole-split kind restricted to the images AutoAttack attacked where it attacked a fixed
+# subset (``attack.autoattack.per_class`` > 0): ``accuracy`` -> ``accuracy_autoattack_images``, so that the
+# AutoAttack gap is read off the same images.  The metrics stage writes these names; the accuracy table and
+# ``ncpipe summary`` read them (each imports this library module, none imports another stage).
+AUTOATTACK_IMAGES_SUFFIX = "_autoattack_images"
+
+
+def on_autoattack_images(metric: str) -> str:
+    """``metric`` restricted to AutoAttack's images (see :data:`AUTOATTACK_IMAGES_SUFFIX`)."""
+    return metric + AUTOATTACK_IMAGES_SUFFIX
+
 
 def pinv_keep(singular_values: np.ndarray | torch.Tensor, dim: int,
               cutoff: str = AUTHORS_PINV_CUTOFF) -> np.ndarray | torch.Tensor:

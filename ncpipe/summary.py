@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .metrics import AUTOATTACK_IMAGES_SUFFIX
+
 SIGNIFICANT = 3
 METHOD_ORDER = {"st": 0, "at": 1, "trades": 2}
 # Perturbation kinds in the order the tables show them, with the words a reader sees.
@@ -145,10 +147,9 @@ AUTOATTACK_COLUMNS = {  # PGD header -> (header, metric, split, perturbation)
 
 
 # Where AutoAttack attacked a fixed subset (attack.autoattack.per_class > 0), metrics.csv also has PGD on
-# that subset (ncpipe.evaluate: ``<metric>_autoattack_images`` of the pgd kind). Its column comes between PGD
+# that subset (``metrics.on_autoattack_images`` of the pgd kind). Its column comes between PGD
 # on the whole split and AutoAttack, whose header then says that it is on the subset: the AutoAttack gap is
 # read off the same images, not partly off another sample.
-SUBSET_SUFFIX = "_autoattack_images"
 SUBSET_PGD_LABEL = "PGD on AutoAttack's images"
 SUBSET_AA_SUFFIX = " on its images"
 
@@ -156,15 +157,16 @@ SUBSET_AA_SUFFIX = " on its images"
 def _accuracy_columns(cell: _Cell) -> list[tuple[str, str, str, str]]:
     present = {(k[2], k[3], k[5]) for k in cell.values if k[3] == "autoattack" and k[4] == "true"}
     subset = {(k[2], k[5]) for k in cell.values if k[3] == "pgd" and k[4] == "true"
-              and k[5].endswith(SUBSET_SUFFIX)}
+              and k[5].endswith(AUTOATTACK_IMAGES_SUFFIX)}
     cols = []
     for col in ACCURACY_COLUMNS:
         cols.append(col)
         aa = AUTOATTACK_COLUMNS.get(col[0])
         if aa is not None and (aa[2], aa[3], aa[1]) in present:
-            if (aa[2], aa[1] + SUBSET_SUFFIX) in subset:
+            if (aa[2], aa[1] + AUTOATTACK_IMAGES_SUFFIX) in subset:
                 head = aa[0].split(", ")
-                cols.append((", ".join([*head[:2], SUBSET_PGD_LABEL]), aa[1] + SUBSET_SUFFIX, aa[2], "pgd"))
+                pgd_head = ", ".join([*head[:2], SUBSET_PGD_LABEL])
+                cols.append((pgd_head, aa[1] + AUTOATTACK_IMAGES_SUFFIX, aa[2], "pgd"))
                 aa = (aa[0] + SUBSET_AA_SUFFIX, *aa[1:])
             cols.append(aa)
     return cols
@@ -179,12 +181,12 @@ def _accuracy_table(cell: _Cell, per_class: int | None = None) -> list[str]:
             for r in cell.regimes]
     aa = ("; *AutoAttack*: robust accuracy under AutoAttack (the `autoattack` kind, on the samples it "
           "attacks)" if len(columns) > len(ACCURACY_COLUMNS) else "")
-    if any(m.endswith(SUBSET_SUFFIX) for _, m, _, _ in columns):
+    if any(m.endswith(AUTOATTACK_IMAGES_SUFFIX) for _, m, _, _ in columns):
         first = f"first {per_class}" if per_class else "first `attack.autoattack.per_class`"
         aa = (f"; *AutoAttack on its images*: robust accuracy under AutoAttack (the `autoattack` kind) on "
               f"the fixed subset it attacks, the {first} images of each class of the split; "
-              f"*{SUBSET_PGD_LABEL}*: PGD on those same images (`accuracy{SUBSET_SUFFIX}`, "
-              f"`ncc_train_means_accuracy{SUBSET_SUFFIX}`), beside PGD on the whole split")
+              f"*{SUBSET_PGD_LABEL}*: PGD on those same images (`accuracy{AUTOATTACK_IMAGES_SUFFIX}`, "
+              f"`ncc_train_means_accuracy{AUTOATTACK_IMAGES_SUFFIX}`), beside PGD on the whole split")
     return [f"#### {TITLES['accuracy']}", "",
             "Accuracy in %. *network*: argmax of the network's logits (`accuracy`); *NCC*: nearest "
             "clean class mean of the training split at the same checkpoint (`ncc_train_means_accuracy`); "

@@ -23,6 +23,7 @@ from .families import LEAP_KINDS, parse_leap_stem, parse_table_stem
 from .families import table_targets as table_targets  # re-exported: the table names belong to families
 from .grid import METHOD_LABELS, method_of, regime_id
 from .io import attrs_dict, open_dump
+from .metrics import AUTOATTACK_IMAGES_SUFFIX, on_autoattack_images
 from .utils import atomic_output, read_csv_verified
 
 # (column, split, perturbation, metric, header)
@@ -36,20 +37,19 @@ ACCURACY_COLUMNS = [
 ]
 # Beside PGD where the run has the autoattack kind (columns left out of tables without it). Where
 # AutoAttack attacked a fixed subset (attack.autoattack.per_class > 0), PGD on that subset (the metrics
-# ``*_autoattack_images`` of ncpipe.evaluate) comes first, so that the AutoAttack gap is read off the same
+# ``metrics.on_autoattack_images``) comes first, so that the AutoAttack gap is read off the same
 # images.
 OPTIONAL_ACCURACY_COLUMNS = [
-    ("train_pgd_autoattack_images", "train", "pgd", "accuracy_autoattack_images",
+    ("train_pgd_autoattack_images", "train", "pgd", on_autoattack_images("accuracy"),
      "train PGD on AutoAttack's images"),
     ("train_autoattack", "train", "autoattack", "accuracy", "train AutoAttack"),
-    ("test_pgd_autoattack_images", "test", "pgd", "accuracy_autoattack_images",
+    ("test_pgd_autoattack_images", "test", "pgd", on_autoattack_images("accuracy"),
      "test PGD on AutoAttack's images"),
     ("test_autoattack", "test", "autoattack", "accuracy", "test AutoAttack"),
-    ("ncc_test_pgd_autoattack_images", "test", "pgd", "ncc_train_means_accuracy_autoattack_images",
+    ("ncc_test_pgd_autoattack_images", "test", "pgd", on_autoattack_images("ncc_train_means_accuracy"),
      "NCC test PGD on AutoAttack's images"),
     ("ncc_test_autoattack", "test", "autoattack", "ncc_train_means_accuracy", "NCC test AutoAttack"),
 ]
-SUBSET_SUFFIX = "_autoattack_images"
 
 
 def _columns(metrics: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
@@ -57,11 +57,13 @@ def _columns(metrics: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
         return list(ACCURACY_COLUMNS)
     kinds = set(zip(metrics["split"], metrics["perturbation"], strict=True))
     subset = {(s, k, m) for s, k, m in zip(metrics["split"], metrics["perturbation"], metrics["metric"],
-                                           strict=True) if str(m).endswith(SUBSET_SUFFIX)}
+                                           strict=True) if str(m).endswith(AUTOATTACK_IMAGES_SUFFIX)}
     # a subset column needs its own metric (the pgd kind is always there); an AutoAttack column its kind
     return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS
-                                 if ((c[1], c[2], c[3]) in subset if c[3].endswith(SUBSET_SUFFIX)
+                                 if ((c[1], c[2], c[3]) in subset if c[3].endswith(AUTOATTACK_IMAGES_SUFFIX)
                                      else (c[1], c[2]) in kinds))]
+
+
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
 
 
@@ -145,7 +147,7 @@ def to_latex(table: pd.DataFrame, dataset: str, norm: str, eps: str) -> str:
 
 
 def _subset_note(cols: list[tuple[str, str, str, str, str]]) -> str:
-    if not any(c[3].endswith(SUBSET_SUFFIX) for c in cols):
+    if not any(c[3].endswith(AUTOATTACK_IMAGES_SUFFIX) for c in cols):
         return ""
     return (r" AutoAttack attacked a fixed subset of the images (the first attack.autoattack.per\_class of "
             r"each class); PGD on AutoAttack's images: PGD on that same subset.")

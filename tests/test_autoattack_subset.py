@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ncpipe import evaluate, io, summary, tables
+from ncpipe import evaluate, io, metrics, summary, tables
 from ncpipe.io import DumpError
 
 C, D, TRAIN_PER, TEST_PER, PER_CLASS = 3, 4, 6, 8, 2
@@ -107,8 +107,8 @@ def test_pgd_on_autoattacks_images_equals_a_plain_reference(dumps):
     assert pgd["ncc_train_means_accuracy"] == pytest.approx(_ncc_acc(t["test_pgd"], y, means), abs=1e-12)
     assert pgd["accuracy_autoattack_images"] - pgd["accuracy"] > 0.4
     assert pgd["ncc_train_means_accuracy_autoattack_images"] - pgd["ncc_train_means_accuracy"] > 0.4
-    assert evaluate.subset_metric("accuracy") == SUBSET_METRICS[0]
-    new = df[df["metric"].str.endswith(evaluate.SUBSET_SUFFIX)]
+    assert metrics.on_autoattack_images("accuracy") == SUBSET_METRICS[0]
+    new = df[df["metric"].str.endswith(metrics.AUTOATTACK_IMAGES_SUFFIX)]
     assert len(new) == 4 and set(new["grouping"]) == {"true"} and set(new["split"]) == {"test"}
     assert set(new["perturbation"]) == {"clean", "pgd"}  # AutoAttack's own rows keep their plain names
     assert list(df.columns) == evaluate.COLUMNS
@@ -118,7 +118,7 @@ def test_autoattack_on_the_whole_split_adds_no_rows(dumps):
     path, _ = dumps["whole"]
     df = evaluate.evaluate_dump(path, regime="st")
     assert "autoattack" in set(df["perturbation"])
-    assert not df["metric"].str.endswith(evaluate.SUBSET_SUFFIX).any()
+    assert not df["metric"].str.endswith(metrics.AUTOATTACK_IMAGES_SUFFIX).any()
 
 
 def test_a_subset_that_is_not_rows_of_the_split_is_refused(tmp_path):
@@ -204,5 +204,5 @@ def test_accuracy_table_has_pgd_on_autoattacks_images(dumps):
     assert not any(c.endswith("autoattack_images_mean") for c in plain.columns)
     assert "same subset" not in tables.to_latex(plain, "mnist5k", "linf", "8")
     # the subset rows dropped, the table is the one of a run without them
-    dropped = df[~df["metric"].str.endswith(evaluate.SUBSET_SUFFIX)]
+    dropped = df[~df["metric"].str.endswith(metrics.AUTOATTACK_IMAGES_SUFFIX)]
     assert list(tables.accuracy_table(dropped, "mnist5k", "linf", "8").columns) == list(plain.columns)
