@@ -120,6 +120,7 @@ def evaluate_table(path: str | os.PathLike, regime: str | None = None,
     if ("train", "clean") in data:
         d = data[("train", "clean")]
         train_clean_means = _means(d["features"], d["labels"], c)
+    subsets = {split: _subset_rows(split, data) for split, _ in data}  # checked once per split
     for (split, kind), d in data.items():
         h, y, pred = d["features"], d["labels"], d["predictions"]
         rows += _rows(ident, split, kind, "true", _nc(h, y, w, b, c, pinv_cutoff))
@@ -140,7 +141,7 @@ def evaluate_table(path: str | os.PathLike, regime: str | None = None,
             rows += _rows(ident, split, kind, "true", {"ncc_train_means_accuracy": acc})
             if kind != "clean":
                 rows += _rows(ident, split, kind, "true", _leap(h, y, d.get("targets"), train_clean_means))
-        idx = _subset_rows(split, data) if kind in SUBSET_KINDS else None
+        idx = subsets[split] if kind in SUBSET_KINDS else None
         if idx is not None and len(idx):
             hs, ys = h[idx], y[idx]
             # the network's accuracy by the very computation of the whole-split ``accuracy`` (the NC pass),

@@ -327,7 +327,6 @@ def _nanmean_by(groups: np.ndarray, value: np.ndarray, n: int) -> np.ndarray:
         return np.where(count > 0, total / count, np.nan)
 
 
-
 def finish(
     fig: plt.Figure, title: str, handles: list | None = None, labels: list[str] | None = None, ncol: int = 3
 ) -> plt.Figure:

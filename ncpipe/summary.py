@@ -369,11 +369,12 @@ def summarize(results_dir: str | os.PathLike, commit: str | None = None) -> str:
     provenance = _provenance_line(dump_attrs)
     if provenance:
         out += ["", provenance]
+    aa_per_class = _autoattack_per_class(dump_attrs)
     groups = df.groupby(["dataset", "arch", "norm", "epsilon"], sort=True)
     for (dataset, arch, norm, eps), part in groups:
         cell = _Cell(part)
         out += ["", f"### {dataset}, {arch}, {_threat(norm, float(eps))}", ""]
-        out += _nc1_table(cell) + [""] + _accuracy_table(cell, _autoattack_per_class(dump_attrs))
+        out += _nc1_table(cell) + [""] + _accuracy_table(cell, aa_per_class)
         out += [""] + _leap_table(cell)
         out += [""] + _ratios_table(cell)
         if lw is not None:

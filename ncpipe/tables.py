@@ -55,13 +55,16 @@ OPTIONAL_ACCURACY_COLUMNS = [
 def _columns(metrics: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
     if not len(metrics):
         return list(ACCURACY_COLUMNS)
-    kinds = set(zip(metrics["split"], metrics["perturbation"], strict=True))
-    subset = {(s, k, m) for s, k, m in zip(metrics["split"], metrics["perturbation"], metrics["metric"],
-                                           strict=True) if str(m).endswith(AUTOATTACK_IMAGES_SUFFIX)}
-    # a subset column needs its own metric (the pgd kind is always there); an AutoAttack column its kind
-    return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS
-                                 if ((c[1], c[2], c[3]) in subset if c[3].endswith(AUTOATTACK_IMAGES_SUFFIX)
-                                     else (c[1], c[2]) in kinds))]
+    rows = set(zip(metrics["split"], metrics["perturbation"], metrics["metric"], strict=True))
+    kinds = {(s, k) for s, k, _ in rows}
+
+    def shown(c: tuple[str, str, str, str, str]) -> bool:
+        # a subset column needs its own metric (the pgd kind is always there); an AutoAttack column its kind
+        if c[3].endswith(AUTOATTACK_IMAGES_SUFFIX):
+            return (c[1], c[2], c[3]) in rows
+        return (c[1], c[2]) in kinds
+
+    return [*ACCURACY_COLUMNS, *(c for c in OPTIONAL_ACCURACY_COLUMNS if shown(c))]
 
 
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$"}
